@@ -1,0 +1,34 @@
+"""The MoE layer: routers, experts, dispatch, auxiliary losses and routing statistics.
+
+    from upcycle.moe import MoE, MoEConfig
+    moe = MoE(MoEConfig(hidden_size=768, intermediate_size=3072, num_experts=8, top_k=1))
+    y = moe(x)                      # (batch, seq, 768) -> (batch, seq, 768)
+    moe.aux_losses                  # {'load_balancing', 'z', 'importance'} for this call
+    moe.stats.summary()             # tokens per expert, balance, dropped
+
+No training code lives here (design notes, rules of the house).
+"""
+
+from upcycle.moe.config import MoEConfig, parse_router_init
+from upcycle.moe.experts import GLUExpert, MLPExpert, activation_fn
+from upcycle.moe.layer import MoE, MoEContext
+from upcycle.moe.losses import importance_loss, load_balancing_loss, z_loss
+from upcycle.moe.router import Router, Routing, score
+from upcycle.moe.stats import RouterStats
+
+__all__ = [
+    "GLUExpert",
+    "MLPExpert",
+    "MoE",
+    "MoEConfig",
+    "MoEContext",
+    "Router",
+    "RouterStats",
+    "Routing",
+    "activation_fn",
+    "importance_loss",
+    "load_balancing_loss",
+    "parse_router_init",
+    "score",
+    "z_loss",
+]

@@ -1,0 +1,92 @@
+"""A slow, independent MoE reference: routes with plain loops and runs every expert on every token.
+
+It reads the layer's parameters but none of its routing or dispatch code, so agreement checks the
+sparse implementation (sorting, capacity, permutations, combine) against the textbook definition.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from upcycle.moe import MoE
+
+
+def reference_logits(moe: MoE, x_TD: torch.Tensor) -> torch.Tensor:
+    r = moe.router
+    h = x_TD.float()
+    if r.hidden is not None:
+        h = F.relu(h @ r.hidden.weight.float().t() + (0 if r.hidden.bias is None else r.hidden.bias.float()))
+    logits = h @ r.weight.float().t()
+    if r.bias is not None:
+        logits = logits + r.bias.float()
+    return logits
+
+
+def reference_forward(
+    moe: MoE,
+    x: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    sequence_labels: torch.Tensor | None = None,
+    routing_from: MoE | None = None,
+) -> torch.Tensor:
+    """The layer's output computed densely. Deterministic configurations only (no jitter/noise)."""
+    cfg = moe.config
+    B, S, D = x.shape
+    T, E, K = B * S, cfg.num_experts, cfg.top_k
+    x_TD = x.reshape(T, D)
+    mask = torch.ones(B, S) if attention_mask is None else attention_mask.float()
+
+    combine = torch.zeros(T, E)  # combine weight of expert e for token t
+    slots: list[list[int]] = [[] for _ in range(T)]  # chosen experts per token, first choice first
+    if cfg.router_mode == "fixed":
+        for b in range(B):
+            combine[b * S : (b + 1) * S, int(sequence_labels[b])] = 1.0
+            for t in range(b * S, (b + 1) * S):
+                slots[t] = [int(sequence_labels[b])]
+    else:
+        leader = routing_from or moe
+        logits = reference_logits(leader, x_TD)
+        if cfg.routing_unit == "sequence":
+            units = [(logits.view(B, S, E)[b] * mask[b].view(S, 1)).sum(0) for b in range(B)]
+            owners = [list(range(b * S, (b + 1) * S)) for b in range(B)]
+        else:
+            units = list(logits)
+            owners = [[t] for t in range(T)]
+        for unit_logits, tokens in zip(units, owners):
+            order = sorted(range(E), key=lambda e: -float(unit_logits[e].detach()))[:K]
+            if cfg.score_order == "softmax_topk":
+                p = torch.softmax(unit_logits, -1)
+                w = torch.stack([p[e] for e in order])
+                if cfg.renormalize:
+                    w = w / w.sum()
+            else:
+                w = torch.softmax(torch.stack([unit_logits[e] for e in order]), -1)
+            for t in tokens:
+                slots[t] = order
+                for e, we in zip(order, w):
+                    combine[t, e] = combine[t, e] + we
+
+    if cfg.capacity_factor is not None:
+        capacity = math.ceil(cfg.capacity_factor * T * K / E)
+        # Priority: every first choice before any second choice, then by token position.
+        choices = sorted((k, t, e) for t in range(T) for k, e in enumerate(slots[t]))
+        used = [0] * E
+        keep = torch.zeros(T, E)
+        for _, t, e in choices:
+            if used[e] < capacity:
+                keep[t, e] = 1.0
+                used[e] += 1
+        combine = combine * keep
+
+    out = torch.zeros(T, D, dtype=x.dtype)
+    for e, expert in enumerate(moe.experts):
+        out = out + combine[:, e : e + 1].to(x.dtype) * expert(x_TD)
+    for expert in moe.shared_experts:
+        s = expert(x_TD)
+        if moe.shared_expert_gate is not None:
+            s = torch.sigmoid(moe.shared_expert_gate(x_TD)) * s
+        out = out + s
+    return out.view(B, S, D)

@@ -1,0 +1,267 @@
+"""Every routing variant against the dense reference: outputs and gradients."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from tests.moe.reference import reference_forward, reference_logits
+from upcycle.moe import MoE, MoEConfig, MoEContext
+
+D, F_, E = 16, 24, 4
+
+
+def make(seed: int = 0, **kw) -> MoE:
+    torch.manual_seed(seed)
+    kw.setdefault("router_init", "normal:0.5")  # spread logits so no near-ties decide top-k
+    moe = MoE(MoEConfig(hidden_size=D, intermediate_size=F_, num_experts=E, **kw))
+    # Non-zero biases so bias handling is exercised.
+    with torch.no_grad():
+        for p in moe.parameters():
+            if p.dim() == 1:
+                p.normal_(0, 0.1)
+    return moe
+
+
+def check_against_reference(moe: MoE, B=3, S=7, mask=None, labels=None, atol=1e-5):
+    torch.manual_seed(1)
+    x = torch.randn(B, S, D, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    grad = torch.randn(B, S, D)
+
+    y = moe(x, attention_mask=mask, sequence_labels=labels)
+    (y * grad).sum().backward()
+    got = {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}
+    got_x = x.grad.clone()
+    moe.zero_grad(set_to_none=True)
+
+    y_ref = reference_forward(moe, x_ref, mask, labels)
+    (y_ref * grad).sum().backward()
+    torch.testing.assert_close(y, y_ref, atol=atol, rtol=1e-5)
+    torch.testing.assert_close(got_x, x_ref.grad, atol=atol, rtol=1e-5)
+    for n, p in moe.named_parameters():
+        if p.grad is None:
+            continue
+        assert n in got, f"{n} got no gradient from the sparse layer"
+        torch.testing.assert_close(got[n], p.grad, atol=atol, rtol=1e-4, msg=f"gradient of {n}")
+    return y
+
+
+VARIANTS = [
+    dict(top_k=1, renormalize=False),
+    dict(top_k=1, renormalize=True),
+    dict(top_k=2, renormalize=True),
+    dict(top_k=2, renormalize=False),
+    dict(top_k=3, score_order="topk_softmax"),
+    dict(top_k=1, score_order="topk_softmax"),
+    dict(top_k=2, expert_type="glu"),
+    dict(top_k=2, expert_type="glu", expert_bias=True, activation="gelu"),
+    dict(top_k=1, router_type="mlp", router_hidden_size=8, router_bias=True),
+    dict(top_k=2, num_shared_experts=1),
+    dict(
+        top_k=2, expert_type="glu", num_shared_experts=2, shared_intermediate_size=12, shared_expert_gate=True
+    ),
+    dict(top_k=1, routing_unit="sequence", renormalize=False),
+    dict(top_k=2, routing_unit="sequence"),
+    dict(top_k=1, capacity_factor=1.0, renormalize=False),
+    dict(top_k=2, capacity_factor=0.5),
+    dict(top_k=4),
+]
+
+
+@pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_variant_matches_dense_reference(kw):
+    check_against_reference(make(**kw))
+
+
+@pytest.mark.parametrize("unit", ["token", "sequence"])
+def test_padding_mask_matches_reference(unit):
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])
+    check_against_reference(make(top_k=2, routing_unit=unit), mask=mask)
+
+
+def test_frozen_router_matches_reference_and_gets_no_gradient():
+    moe = make(top_k=2, router_mode="frozen")
+    before = moe.router.weight.detach().clone()
+    check_against_reference(moe)
+    assert not moe.router.weight.requires_grad and moe.router.weight.grad is None
+    opt = torch.optim.SGD([p for p in moe.parameters() if p.requires_grad], lr=1.0)
+    moe(torch.randn(2, 5, D)).sum().backward()
+    opt.step()
+    torch.testing.assert_close(moe.router.weight, before, rtol=0, atol=0)
+
+
+def test_random_router_is_redrawn_every_call_and_gets_no_gradient():
+    moe = make(top_k=1, router_mode="random", router_init="normal:0.02")
+    x = torch.randn(2, 5, D)
+    moe(x)
+    w1 = moe.router.weight.detach().clone()
+    moe(x).sum().backward()
+    w2 = moe.router.weight.detach().clone()
+    assert not torch.equal(w1, w2)
+    assert moe.router.weight.grad is None
+    assert abs(float(w2.std()) - 0.02) < 0.01  # drawn from the configured init
+
+
+def test_fixed_routing_follows_sequence_labels():
+    moe = make(top_k=1, router_mode="fixed")
+    assert moe.router is None
+    labels = torch.tensor([2, 0, 3])
+    check_against_reference(moe, labels=labels)
+    ids = moe.last_routing.ids_TK.view(3, 7)
+    assert (ids == labels.view(3, 1)).all()
+    assert moe.aux_losses == {}
+    with pytest.raises(ValueError, match="sequence labels|one label per sequence"):
+        moe(torch.randn(3, 7, D))
+
+
+def test_sequence_routing_sends_a_sequence_to_the_same_experts():
+    moe = make(top_k=2, routing_unit="sequence")
+    moe(torch.randn(4, 9, D))
+    ids = moe.last_routing.ids_TK.view(4, 9, 2)
+    assert (ids == ids[:, :1]).all()
+
+
+def test_sequence_routing_ignores_padding_tokens():
+    moe = make(top_k=1, routing_unit="sequence")
+    x = torch.randn(2, 6, D)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    moe(x, attention_mask=mask)
+    first = moe.last_routing.logits_UE.clone()
+    x2 = x.clone()
+    x2[0, 3:] = torch.randn(3, D) * 10  # change only padding
+    moe(x2, attention_mask=mask)
+    torch.testing.assert_close(moe.last_routing.logits_UE, first)
+
+
+def test_global_routing_followers_reuse_the_first_layer_decision():
+    torch.manual_seed(0)
+    ctx = MoEContext()
+    cfg = MoEConfig(hidden_size=D, intermediate_size=F_, num_experts=E, top_k=2, global_routing=True)
+    layers = [MoE(cfg, context=ctx) for _ in range(3)]
+    assert layers[0].router is not None and layers[1].router is None and layers[2].router is None
+    x = torch.randn(2, 5, D, requires_grad=True)
+    with ctx.scope():
+        h = x
+        for layer in layers:
+            h = h + layer(h)
+    ids0 = layers[0].last_routing.ids_TK
+    assert all(torch.equal(layer.last_routing.ids_TK, ids0) for layer in layers[1:])
+    # Followers' outputs equal the dense reference routed by the leader's router on the leader's input.
+    ref = reference_forward(layers[1], x.detach(), routing_from=layers[0])
+    with ctx.scope():
+        layers[0](x.detach())
+        torch.testing.assert_close(layers[1](x.detach()), ref, atol=1e-5, rtol=1e-5)
+    h.sum().backward()
+    assert layers[0].router.weight.grad is not None and layers[0].router.weight.grad.abs().sum() > 0
+    # A follower called before the leader in a pass is an error, not a silent reuse of stale routing.
+    with ctx.scope(), pytest.raises(RuntimeError, match="global routing"):
+        layers[1](x)
+
+
+def test_jitter_touches_router_input_only_and_is_off_in_eval():
+    moe = make(top_k=1, router_jitter=0.5, renormalize=False)
+    x = torch.randn(2, 8, D)
+    moe.eval()
+    y1, y2 = moe(x), moe(x)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    torch.testing.assert_close(moe.last_routing.logits_UE, reference_logits(moe, x.view(-1, D)))
+    moe.train()
+    torch.manual_seed(3)
+    y = moe(x)
+    logits = moe.last_routing.logits_UE
+    assert not torch.allclose(logits, reference_logits(moe, x.view(-1, D)))
+    # The experts saw the clean input: recompute the output from the recorded routing on clean x.
+    r = moe.last_routing
+    out = torch.zeros(16, D)
+    for t in range(16):
+        e = int(r.ids_TK[t, 0])
+        out[t] = r.weights_TK[t, 0] * moe.experts[e](x.view(-1, D)[t])
+    torch.testing.assert_close(y.view(-1, D), out, atol=1e-5, rtol=1e-5)
+    # Jitter is multiplicative U(1-ε, 1+ε): logits stay within the range that bounds allow.
+    assert torch.isfinite(logits).all()
+
+
+def test_noisy_gating_trains_noise_weights_and_is_off_in_eval():
+    moe = make(top_k=2, noisy_gating=True)
+    x = torch.randn(3, 6, D)
+    moe.eval()
+    moe(x)
+    torch.testing.assert_close(moe.last_routing.logits_UE, reference_logits(moe, x.view(-1, D)))
+    moe.train()
+    y = moe(x)
+    assert not torch.allclose(moe.last_routing.logits_UE, reference_logits(moe, x.view(-1, D)))
+    (y.sum() + moe.aux_losses["load_balancing"]).backward()
+    assert moe.router.noise_weight.grad is not None and moe.router.noise_weight.grad.abs().sum() > 0
+
+
+def test_capacity_drops_overflow_in_priority_order():
+    moe = make(top_k=1, capacity_factor=1.0, renormalize=False)
+    with torch.no_grad():  # every token prefers expert 0
+        moe.router.weight.zero_()
+        moe.router.weight[0] = 0  # logits from the bias alone
+        moe.router.bias = torch.nn.Parameter(torch.tensor([5.0, 0.0, 0.0, 0.0]))
+    B, S = 1, 8
+    x = torch.randn(B, S, D)
+    y = moe(x)
+    capacity = 2  # ceil(1.0 * 8 * 1 / 4)
+    kept = y.view(S, D).abs().sum(-1) > 0
+    assert kept.tolist() == [True] * capacity + [False] * (S - capacity)
+    assert int(moe.stats.dropped) == S - capacity
+    assert moe.stats.tokens_per_expert.tolist() == [capacity, 0, 0, 0]
+    assert moe.stats.summary()["dropped_fraction"] == pytest.approx((S - capacity) / S)
+
+
+def test_capacity_keeps_first_choices_before_second_choices():
+    moe = make(top_k=2, capacity_factor=1.0)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.bias = torch.nn.Parameter(torch.tensor([3.0, 2.0, -5.0, -5.0]))
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, D)
+    # capacity = ceil(1·4·2/4) = 2: expert 0 takes two first choices, expert 1 two second choices.
+    moe(x)
+    assert moe.stats.tokens_per_expert.tolist() == [2, 2, 0, 0]
+    assert int(moe.stats.dropped) == 4
+    check_against_reference(moe, B=1, S=4)
+
+
+def test_all_experts_get_gradients_even_when_unused():
+    moe = make(top_k=1)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[0, 0] = 100.0  # route everything to one expert
+    x = torch.ones(1, 4, D)
+    moe(x).sum().backward()
+    for e in moe.experts:
+        for p in e.parameters():
+            assert p.grad is not None  # zeros, not None: DDP needs every parameter in the graph
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_router_math_is_float32_in_low_precision(dtype):
+    moe = make(top_k=2).to(dtype)
+    x = torch.randn(2, 5, D, dtype=dtype)
+    y = moe(x)
+    assert y.dtype == dtype
+    assert moe.last_routing.logits_UE.dtype == torch.float32
+    assert moe.last_routing.weights_TK.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in moe.aux_losses.values())
+
+
+def test_two_dimensional_input_and_inference_mode():
+    moe = make(top_k=2)
+    x = torch.randn(10, D)
+    with torch.inference_mode():
+        y = moe(x)
+    assert y.shape == (10, D)
+    assert int(moe.stats.tokens) == 10
+
+
+@pytest.mark.parametrize("k,unit", list(itertools.product([1, 2], ["token", "sequence"])))
+def test_combine_weights_sum_as_configured(k, unit):
+    moe = make(top_k=k, routing_unit=unit)
+    moe(torch.randn(2, 5, D))
+    torch.testing.assert_close(moe.last_routing.weights_TK.sum(-1), torch.ones(10))
