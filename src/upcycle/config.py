@@ -19,6 +19,10 @@ import yaml
 T = TypeVar("T")
 
 
+class UserError(RuntimeError):
+    """A problem the user can fix (unreadable source, corrupted checkpoint, …): shown as one line."""
+
+
 class ConfigError(ValueError):
     """An invalid configuration value. The message names the field and the allowed values."""
 
@@ -111,3 +115,87 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def dump_yaml(data: dict[str, Any], path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+# --------------------------------------------------------------------------- command-line flags
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass (the text under each field), used as CLI help."""
+    import docstring_parser
+
+    try:
+        doc = docstring_parser.parse_from_object(cls)
+    except Exception:  # source unavailable (frozen app): help text is a nicety, not a requirement
+        return {}
+    return {p.arg_name: " ".join((p.description or "").split()) for p in doc.params}
+
+
+def add_dataclass_flags(
+    parser,
+    cls: type,
+    *,
+    rename: dict[str, str] | None = None,
+    skip: tuple[str, ...] = (),
+    dest_prefix: str = "",
+) -> list[str]:
+    """Add one ``--kebab-case`` flag per dataclass field to a jsonargparse/argparse parser.
+
+    Every flag defaults to None so the caller can tell "not given" from a value, and layer flags over a
+    preset and a YAML file (flags win). Booleans get ``--x/--no-x``. Returns the destinations added.
+    """
+    import argparse
+
+    rename = rename or {}
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    dests = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + rename.get(f.name, f.name).replace("_", "-")
+        dest = dest_prefix + rename.get(f.name, f.name)
+        tp = hints[f.name]
+        base = _strip_optional(tp)
+        help_text = docs.get(f.name, "")
+        if base is bool:
+            parser.add_argument(
+                flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        elif get_origin(base) is Literal:
+            parser.add_argument(flag, dest=dest, choices=list(get_args(base)), default=None, help=help_text)
+        elif get_origin(base) is list:
+            parser.add_argument(flag, dest=dest, nargs="+", default=None, help=help_text)
+        elif base in (int, float, str):
+            parser.add_argument(flag, dest=dest, type=base, default=None, help=help_text)
+        else:
+            continue  # dicts and nested configs come from YAML
+        dests.append(dest)
+    return dests
+
+
+def _strip_optional(tp: Any) -> Any:
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def merge_layers(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Later layers win; None values mean "not given" and never override."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for k, v in layer.items():
+            if v is None:
+                continue
+            if isinstance(v, dict) and isinstance(out.get(k), dict):
+                out[k] = {**out[k], **v}
+            else:
+                out[k] = v
+    return out
+
+
+def normalise_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """YAML keys may be written with dashes, like the flags: ``top-k`` → ``top_k``."""
+    return {k.replace("-", "_"): (normalise_keys(v) if isinstance(v, dict) else v) for k, v in data.items()}

@@ -37,15 +37,18 @@ class Routing:
     unit: str = "token"
 
 
-def init_router_weight(weight: torch.Tensor, spec: tuple[str, float]) -> None:
+def init_router_weight(
+    weight: torch.Tensor, spec: tuple[str, float], generator: torch.Generator | None = None
+) -> None:
+    """Fill a router weight per ``spec`` (from :func:`parse_router_init`). Uses ``torch.nn.init`` so that
+    Hugging Face's ``no_init_weights`` can skip it when weights are about to be loaded."""
     kind, scale = spec
-    with torch.no_grad():
-        if kind == "normal":
-            weight.normal_(0.0, scale)
-        elif kind == "uniform":
-            weight.uniform_(-scale, scale)
-        else:
-            weight.zero_()
+    if kind == "normal":
+        nn.init.normal_(weight, 0.0, scale, generator=generator)
+    elif kind == "uniform":
+        nn.init.uniform_(weight, -scale, scale, generator=generator)
+    else:
+        nn.init.zeros_(weight)
 
 
 def score(logits_UE: torch.Tensor, top_k: int, score_order: str, renormalize: bool):
@@ -92,15 +95,18 @@ class Router(nn.Module):
             for p in self.parameters():
                 p.requires_grad_(False)
 
-    def reset_parameters(self) -> None:
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         spec = self.config.router_init_spec
-        init_router_weight(self.weight, spec)
+        init_router_weight(self.weight, spec, generator)
         if self.hidden is not None:
-            init_router_weight(self.hidden.weight, spec)
+            init_router_weight(self.hidden.weight, spec, generator)
             if self.hidden.bias is not None:
                 nn.init.zeros_(self.hidden.bias)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+        if self.noise_weight is not None:
+            nn.init.zeros_(self.noise_weight)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         """float32 logits (T, E). Jitter and noise are applied here, in training only."""

@@ -1,7 +1,9 @@
 """Routing statistics owned by each MoE layer, counted in training and evaluation alike.
 
-Counts are kept as non-persistent buffers (they follow ``.to(device)`` but are not saved with the
-weights) and accumulate until :meth:`RouterStats.reset`. Only non-padding tokens are counted.
+Counts accumulate as tensors on the device of the routing (no host sync per step) until
+:meth:`RouterStats.reset`. They are plain attributes, not module buffers: they are not weights, must not
+be saved with a checkpoint, and must not be left uninitialised when Hugging Face builds a model on the
+meta device before loading its weights. Only non-padding tokens are counted.
 """
 
 from __future__ import annotations
@@ -9,10 +11,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 
-class RouterStats(nn.Module):
+class RouterStats:
     """Accumulated routing counts of one MoE layer.
 
     - ``tokens_per_expert`` (E,): token→expert assignments that were computed (a token routed to K experts
@@ -22,31 +23,31 @@ class RouterStats(nn.Module):
     """
 
     def __init__(self, num_experts: int):
-        super().__init__()
         self.num_experts = num_experts
-        self.register_buffer(
-            "tokens_per_expert", torch.zeros(num_experts, dtype=torch.long), persistent=False
-        )
-        self.register_buffer("dropped", torch.zeros((), dtype=torch.long), persistent=False)
-        self.register_buffer("tokens", torch.zeros((), dtype=torch.long), persistent=False)
+        self.reset()
+
+    def reset(self, device: torch.device | str | None = None) -> None:
+        if device is None:
+            device = getattr(self, "tokens_per_expert", torch.zeros(0)).device
+        self.tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.long, device=device)
+        self.dropped = torch.zeros((), dtype=torch.long, device=device)
+        self.tokens = torch.zeros((), dtype=torch.long, device=device)
 
     @torch.no_grad()
     def update(self, counts_E: torch.Tensor, dropped: torch.Tensor | int, tokens: torch.Tensor | int) -> None:
-        self.tokens_per_expert += counts_E.to(self.tokens_per_expert.device, torch.long)
+        if self.tokens_per_expert.device != counts_E.device:
+            self.tokens_per_expert = self.tokens_per_expert.to(counts_E.device)
+            self.dropped = self.dropped.to(counts_E.device)
+            self.tokens = self.tokens.to(counts_E.device)
+        self.tokens_per_expert += counts_E.long()
         self.dropped += dropped
         self.tokens += tokens
 
-    def reset(self) -> None:
-        self.tokens_per_expert.zero_()
-        self.dropped.zero_()
-        self.tokens.zero_()
-
     def fraction(self) -> torch.Tensor:
         """Fraction of assignments per expert (sums to 1; all zeros before any token)."""
-        total = self.tokens_per_expert.sum()
-        if total == 0:
-            return torch.zeros(self.num_experts, dtype=torch.float32)
-        return (self.tokens_per_expert.float() / total.float()).cpu()
+        counts = self.tokens_per_expert.detach().float().cpu()
+        total = counts.sum()
+        return counts / total if total > 0 else counts
 
     def balance(self) -> float:
         """Normalised entropy of the expert fractions: 1.0 perfectly balanced, 0.0 all on one expert."""
@@ -65,13 +66,14 @@ class RouterStats(nn.Module):
 
     def summary(self) -> dict:
         """A JSON-ready snapshot: counts, fractions, balance, max violation, dropped fraction."""
-        assignments = int(self.tokens_per_expert.sum()) + int(self.dropped)
+        computed = int(self.tokens_per_expert.sum())
+        dropped = int(self.dropped)
         return {
             "tokens": int(self.tokens),
             "tokens_per_expert": self.tokens_per_expert.tolist(),
             "fraction": [round(float(x), 6) for x in self.fraction()],
             "balance": self.balance(),
             "max_violation": self.max_violation(),
-            "dropped": int(self.dropped),
-            "dropped_fraction": (int(self.dropped) / assignments) if assignments else 0.0,
+            "dropped": dropped,
+            "dropped_fraction": dropped / (computed + dropped) if computed + dropped else 0.0,
         }

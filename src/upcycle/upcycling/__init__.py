@@ -1,0 +1,44 @@
+"""Upcycling: dense Hugging Face models into MoE checkpoints, one file per initialisation method.
+
+    from upcycle.upcycling import UpcycleConfig, convert
+    result = convert(UpcycleConfig(model=["gpt2"], method="drop", ratio=0.15, out="gpt2-moe"))
+
+``moe/`` never imports this package; this package never imports training, evaluation or analysis.
+"""
+
+from upcycle.upcycling.convert import (
+    Source,
+    UpcycleError,
+    UpcycleResult,
+    convert,
+    function_preservation,
+    load_source,
+    options_from,
+    save_atomically,
+    upcycle_model,
+)
+from upcycle.upcycling.dense import DenseMLP
+from upcycle.upcycling.options import PRESETS, UpcycleConfig, parse_layers, preset
+from upcycle.upcycling.registry import LayerInit, get_method, method_names, output_scale, register
+
+__all__ = [
+    "PRESETS",
+    "DenseMLP",
+    "LayerInit",
+    "Source",
+    "UpcycleConfig",
+    "UpcycleError",
+    "UpcycleResult",
+    "convert",
+    "function_preservation",
+    "get_method",
+    "load_source",
+    "method_names",
+    "options_from",
+    "output_scale",
+    "parse_layers",
+    "preset",
+    "register",
+    "save_atomically",
+    "upcycle_model",
+]

@@ -1,0 +1,331 @@
+"""``upcycle convert``: a dense Hugging Face causal LM in, an MoE checkpoint folder out.
+
+Steps: load the source(s) → build the MoE model of the matching family without initialising it →
+copy every non-MLP weight (averaged across sources for BTX) → initialise routers and experts with the
+chosen method → measure function preservation on a fixed probe batch → write the folder atomically
+(temporary folder, then rename), so an interrupted conversion leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.progress import Progress
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.initialization import no_init_weights
+
+import upcycle
+from upcycle.config import ConfigError, UserError
+from upcycle.io import atomic_output_dir, check_output_dir
+from upcycle.models.modeling import Family, family_for
+from upcycle.moe import MoE, MoEConfig
+from upcycle.upcycling.dense import DenseMLP, copy_into_expert
+from upcycle.upcycling.options import UpcycleConfig, parse_layers
+from upcycle.upcycling.registry import LayerInit, get_method
+
+#: Config keys of the source that must not be copied into the MoE config.
+_DROP_KEYS = {"model_type", "architectures", "transformers_version", "auto_map", "_name_or_path", "dtype"}
+
+
+class UpcycleError(UserError):
+    """A conversion that cannot proceed (unreadable source, mismatched BTX sources, …)."""
+
+
+@dataclass
+class Source:
+    name: str
+    model: PreTrainedModel
+    tokenizer: object | None
+
+
+@dataclass
+class UpcycleResult:
+    model: PreTrainedModel
+    out: Path | None
+    function_preservation: dict
+    layer_info: dict[int, dict] = field(default_factory=dict)
+
+    def report_line(self) -> str:
+        return preservation_line(self.function_preservation)
+
+
+def load_source(name: str) -> Source:
+    """Load a dense causal LM (hub id or local folder); errors name the source and what is supported."""
+    if _looks_like_path(name) and not Path(name).exists():
+        raise UpcycleError(f"no such model folder: '{name}'")
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise UpcycleError(f"cannot read model config from '{name}': {_first_line(exc)}") from exc
+    family_for(config.model_type)  # unsupported architectures fail here, before loading weights
+    if config.model_type.startswith("moe_"):
+        raise ConfigError("model", name, "is already an MoE checkpoint; give a dense source")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype="auto")
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise UpcycleError(f"cannot load model weights from '{name}': {_first_line(exc)}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except Exception:  # a weights-only folder is a valid source; the output then has no tokenizer
+        tokenizer = None
+    return Source(name, model.eval(), tokenizer)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def build_moe_config(family: Family, source: PreTrainedModel, opts: UpcycleConfig) -> MoEConfig:
+    """The MoEConfig of every MoE layer: user choices plus what the dense source decides."""
+    cfg = source.config
+    dense = DenseMLP.from_module(_blocks(source)[0].mlp)
+    if dense.kind != family.expert_type:
+        raise UpcycleError(f"{cfg.model_type} MLP is '{dense.kind}', expected '{family.expert_type}'")
+    activation = getattr(cfg, "activation_function", None) or getattr(cfg, "hidden_act", None)
+    F_ = dense.intermediate_size
+    if F_ % opts.granularity:
+        raise ConfigError("granularity", opts.granularity, f"must divide the dense intermediate size {F_}")
+    fields = dict(
+        hidden_size=dense.hidden_size,
+        intermediate_size=F_ // opts.granularity,
+        expert_type=dense.kind,
+        activation=activation,
+        expert_bias=dense.up_bias is not None,
+        dropout=float(getattr(cfg, "resid_pdrop", 0.0) or 0.0),
+        shared_intermediate_size=F_,
+        **opts.moe_fields(),
+    )
+    if fields["num_shared_experts"] and opts.moe.get("shared_intermediate_size", F_) != F_:
+        raise ConfigError(
+            "moe.shared_intermediate_size",
+            opts.moe["shared_intermediate_size"],
+            f"shared experts start as copies of the dense MLP, so it must equal d_ff={F_}",
+        )
+    return MoEConfig(**fields)
+
+
+def _blocks(model: PreTrainedModel):
+    base = model.base_model
+    return base.h if hasattr(base, "h") else base.layers
+
+
+def _check_btx_sources(sources: list[Source]) -> None:
+    ref = sources[0]
+    ref_shapes = {n: p.shape for n, p in ref.model.state_dict().items()}
+    for src in sources[1:]:
+        if src.model.config.model_type != ref.model.config.model_type:
+            raise ConfigError(
+                "model",
+                src.name,
+                f"btx sources must share an architecture: {ref.model.config.model_type} "
+                f"vs {src.model.config.model_type}",
+            )
+        shapes = {n: p.shape for n, p in src.model.state_dict().items()}
+        if shapes.keys() != ref_shapes.keys():
+            missing = sorted(ref_shapes.keys() ^ shapes.keys())[0]
+            raise ConfigError("model", src.name, f"btx sources differ in parameters (e.g. {missing})")
+        for n, s in shapes.items():
+            if s != ref_shapes[n]:
+                raise ConfigError(
+                    "model",
+                    src.name,
+                    f"btx sources differ in shape at {n}: {tuple(ref_shapes[n])} vs {tuple(s)}",
+                )
+
+
+@torch.no_grad()
+def upcycle_model(
+    opts: UpcycleConfig, sources: list[Source] | None = None, progress: bool = True
+) -> UpcycleResult:
+    """Build (not save) the MoE model described by ``opts``. ``sources`` skips loading when given."""
+    if sources is None:
+        sources = [load_source(name) for name in opts.model]
+    if opts.method == "btx":
+        if len(sources) < 2:
+            raise ConfigError("model", opts.model, "btx needs at least two dense sources")
+        _check_btx_sources(sources)
+    src = sources[0].model
+    family = family_for(src.config.model_type)
+    method = get_method(opts.method)
+    moe_cfg = build_moe_config(family, src, opts)
+    layers = parse_layers(opts.layers, src.config.num_hidden_layers)
+
+    cfg_dict = {k: v for k, v in src.config.to_dict().items() if k not in _DROP_KEYS}
+    if cfg_dict.get("pad_token_id") is None and isinstance(cfg_dict.get("eos_token_id"), int):
+        # Sequence classification on batches needs a pad token; GPT-2 has none, so reuse EOS (HF's advice).
+        cfg_dict["pad_token_id"] = cfg_dict["eos_token_id"]
+    upcycling = {
+        "method": opts.method,
+        "sources": list(opts.model),
+        "seed": opts.seed,
+        "layers": layers,
+        "options": {k: v for k, v in opts.to_dict().items() if k not in ("model", "out", "overwrite")},
+        "upcycle_version": upcycle.__version__,
+    }
+    config = family.config_cls(**cfg_dict, moe=moe_cfg.to_dict(), moe_layers=layers, upcycling=upcycling)
+    # Every weight is about to be written: skip the random init (2-3 s and a full pass of RNG for GPT-2).
+    with no_init_weights():
+        model = family.causal_lm_cls(config)
+    model.to(src.dtype)
+
+    # 1. Everything that is not an MoE layer: copied, or averaged across BTX sources.
+    state = _merged_state(sources)
+    moe_prefixes = tuple(f"{name}." for name, mod in model.named_modules() if isinstance(mod, MoE))
+    written = set()
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.startswith(moe_prefixes):
+            continue
+        if name not in state:
+            if name in dict(model.named_buffers()):
+                continue  # non-persistent buffers (rotary frequencies) are computed, not loaded
+            raise UpcycleError(f"the source has no weight '{name}' needed by the MoE model")
+        tensor.copy_(state[name])
+        written.add(name)
+    model.tie_weights()
+
+    # 2. MoE layers: router init, then the method, then shared experts.
+    generator = torch.Generator().manual_seed(opts.seed)
+    per_source_blocks = [_blocks(s.model) for s in sources]
+    layer_info: dict[int, dict] = {}
+    with Progress(transient=True, disable=not progress) as bar:
+        task = bar.add_task(f"{opts.method} upcycling", total=len(layers))
+        for i in layers:
+            moe: MoE = _blocks(model)[i].mlp
+            dense = [DenseMLP.from_module(blocks[i].mlp) for blocks in per_source_blocks]
+            if moe.router is not None:
+                moe.router.reset_parameters(generator)
+            if moe.shared_expert_gate is not None:
+                torch.nn.init.normal_(
+                    moe.shared_expert_gate.weight, 0.0, config.initializer_range, generator=generator
+                )
+            ctx = LayerInit(i, moe, dense, generator, opts, getattr(config, "initializer_range", 0.02))
+            method(ctx)
+            merged = DenseMLP.average(dense) if len(dense) > 1 else dense[0]
+            for shared in moe.shared_experts:
+                if opts.method == "scratch":
+                    for p in shared.parameters():
+                        p.copy_(
+                            torch.normal(0.0, ctx.initializer_range, p.shape, generator=generator)
+                            if p.dim() == 2
+                            else torch.zeros_like(p)
+                        )
+                else:
+                    copy_into_expert(shared, merged)
+            layer_info[i] = ctx.info
+            bar.advance(task)
+
+    model.generation_config = sources[0].model.generation_config
+    model.eval()
+    fp = function_preservation(src, model, opts)
+    model.config.upcycling["function_preservation"] = fp
+    return UpcycleResult(model, None, fp, layer_info)
+
+
+def _merged_state(sources: list[Source]) -> dict[str, torch.Tensor]:
+    states = [s.model.state_dict() for s in sources]
+    if len(states) == 1:
+        return states[0]
+    merged = {}
+    for name, t in states[0].items():
+        if t.is_floating_point():
+            merged[name] = torch.stack([s[name].float() for s in states]).mean(0).to(t.dtype)
+        else:
+            merged[name] = t
+    return merged
+
+
+def probe_batch(vocab_size: int, batch: int, length: int) -> torch.Tensor:
+    """A fixed, tokenizer-independent probe: uniform random token ids from a fixed seed."""
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(0, vocab_size, (batch, length), generator=g)
+
+
+@torch.no_grad()
+def function_preservation(dense: PreTrainedModel, moe_model: PreTrainedModel, opts: UpcycleConfig) -> dict:
+    """max |Δlogits| and mean KL(dense ‖ MoE) per token on the probe batch, both models in eval mode."""
+    length = min(opts.probe_length, getattr(dense.config, "max_position_embeddings", opts.probe_length))
+    ids = probe_batch(dense.config.vocab_size, opts.probe_batch, length)
+    d = dense.eval()(input_ids=ids).logits.float()
+    m = moe_model.eval()(input_ids=ids).logits.float()
+    kl = F.kl_div(F.log_softmax(m, -1), F.log_softmax(d, -1), log_target=True, reduction="none").sum(-1)
+    cfg = moe_model.config.moe
+    switch_style = cfg["score_order"] == "softmax_topk" and not cfg["renormalize"]
+    scaled = bool((moe_model.config.upcycling or {}).get("options", {}).get("weight_scaling"))
+    return {
+        "max_abs_logit_diff": float((d - m).abs().max()),
+        "mean_kl": float(kl.mean()),
+        "probe_tokens": int(ids.numel()),
+        "scales_by_router_probability": bool(switch_style),
+        "weight_scaling": scaled or opts.scaling,
+    }
+
+
+def preservation_line(fp: dict) -> str:
+    line = f"function preservation: max |Δlogits| = {fp['max_abs_logit_diff']:.3g}, mean KL = {fp['mean_kl']:.3g}"
+    if fp.get("scales_by_router_probability") and not fp.get("weight_scaling"):
+        line += (
+            " — note: softmax-then-top-k without renormalisation (Switch-style) multiplies each expert's output"
+            " by its router probability (≈ top_k/experts at initialisation), so the MoE does not start as the"
+            " dense model; use --renormalize, --score-order topk_softmax or --weight-scaling to start from it"
+        )
+    return line
+
+
+def save_atomically(model: PreTrainedModel, tokenizer, out: str | os.PathLike, overwrite: bool) -> Path:
+    """Write the checkpoint (and tokenizer, and ``upcycling.json``) through an atomic output folder."""
+    with atomic_output_dir(out, overwrite) as tmp:
+        # Shards bound the extra memory safetensors needs to serialise (it builds each file in memory).
+        model.save_pretrained(tmp, max_shard_size="500MB")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if model.config.upcycling:
+            (tmp / "upcycling.json").write_text(json.dumps(model.config.upcycling, indent=2))
+    return Path(out)
+
+
+def convert(opts: UpcycleConfig, progress: bool = True) -> UpcycleResult:
+    """Load, upcycle and save (when ``opts.out`` is set). The output folder is checked before any work."""
+    if opts.out is not None:
+        check_output_dir(opts.out, opts.overwrite)
+    sources = [load_source(name) for name in opts.model]
+    result = upcycle_model(opts, sources, progress=progress)
+    if opts.out is not None:
+        result.out = save_atomically(result.model, sources[0].tokenizer, opts.out, opts.overwrite)
+    return result
+
+
+def options_from(preset_name: str | None = None, **overrides) -> UpcycleConfig:
+    """UpcycleConfig from a preset plus overrides (None values are ignored)."""
+    from upcycle.upcycling.options import preset
+
+    base = preset(preset_name) if preset_name else {}
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(UpcycleConfig)}
+    unknown = sorted(set(base) - known)
+    if unknown:
+        raise ConfigError(unknown[0], base[unknown[0]], f"unknown option; known: {', '.join(sorted(known))}")
+    return UpcycleConfig(**base)
+
+
+__all__ = [
+    "Source",
+    "UpcycleError",
+    "UpcycleResult",
+    "convert",
+    "function_preservation",
+    "load_source",
+    "options_from",
+    "save_atomically",
+    "upcycle_model",
+]
