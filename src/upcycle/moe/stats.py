@@ -28,7 +28,9 @@ class RouterStats:
 
     def reset(self, device: torch.device | str | None = None) -> None:
         if device is None:
-            device = getattr(self, "tokens_per_expert", torch.zeros(0)).device
+            # Explicit: a model built under `with torch.device("meta")` (HF loading) must not get meta counts.
+            current = getattr(self, "tokens_per_expert", None)
+            device = current.device if current is not None and current.device.type != "meta" else "cpu"
         self.tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.long, device=device)
         self.dropped = torch.zeros((), dtype=torch.long, device=device)
         self.tokens = torch.zeros((), dtype=torch.long, device=device)

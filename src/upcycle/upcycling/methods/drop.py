@@ -45,19 +45,20 @@ def drop(ctx: LayerInit) -> None:
         copy_into_expert(expert, ctx.dense, out_scale=scale)
         inputs = expert_inputs(expert)
         names = [*inputs, "down"]
+        if n == 0:  # r = 0 is naive upcycling; draw nothing so the rest of the RNG stream matches it
+            dropped.append(dict.fromkeys(names, torch.zeros(0, dtype=torch.long)))
+            continue
         if opts.index_sharing == "expert":
             shared = torch.randperm(F_, generator=g)[:n].sort().values
             sets = dict.fromkeys(names, shared)
         else:
             sets = {name: torch.randperm(F_, generator=g)[:n].sort().values for name in names}
-        if n:
-            for name, layer in inputs.items():
-                S = sets[name]
-                layer.weight[S] = _redraw(layer.weight[S], g)
-                if layer.bias is not None:
-                    layer.bias[S] = _redraw(layer.bias[S], g)
-            down = expert.down_proj.weight
-            S = sets["down"]
-            down[:, S] = _redraw(down[:, S], g)
+        for name, layer in inputs.items():
+            S = sets[name]
+            layer.weight[S] = _redraw(layer.weight[S], g)
+            if layer.bias is not None:
+                layer.bias[S] = _redraw(layer.bias[S], g)
+        down = expert.down_proj.weight
+        down[:, sets["down"]] = _redraw(down[:, sets["down"]], g)
         dropped.append(sets)
     ctx.info.update(ratio=opts.ratio, dropped_per_expert=n, dropped=dropped, output_scale=scale)

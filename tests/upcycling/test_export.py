@@ -1,0 +1,104 @@
+"""Export to native Mixtral / Qwen2-MoE: identical logits in plain transformers (no upcycle import)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import upcycle  # noqa: F401
+from upcycle.config import UserError
+from upcycle.models.export import export
+from upcycle.upcycling import UpcycleConfig, convert
+
+CASES = {
+    # name: (source, convert options, format)
+    "llama_mixtral": ("llama", dict(method="naive", top_k=2, layers="all"), "mixtral"),
+    "llama_mixtral_drop_topk_softmax": (
+        "llama", dict(method="drop", top_k=2, layers="all", score_order="topk_softmax"), "mixtral"
+    ),
+    "mistral_mixtral": ("mistral", dict(method="drop", ratio=0.5, layers="all"), "mixtral"),
+    "llama_qwen_every_other": ("llama", dict(method="drop", layers="every_other", renormalize=False), "qwen2_moe"),
+    "llama_qwen_list_shared": (
+        "llama", dict(method="drop", layers="0,3", shared_experts=1, moe={"shared_expert_gate": True}), "qwen2_moe"
+    ),
+    "qwen2_qwen_two_shared": (
+        "qwen2", dict(method="drop", layers="all", shared_experts=2, moe={"shared_expert_gate": True}), "qwen2_moe"
+    ),
+}  # fmt: skip
+
+PLAIN_TRANSFORMERS = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM  # deliberately no `import upcycle`
+assert "upcycle" not in sys.modules
+out = {}
+ids = torch.tensor(json.loads(sys.argv[1]))
+for name, path in json.loads(sys.argv[2]).items():
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        out[name] = {"type": type(model).__name__, "logits": model(input_ids=ids).logits.tolist()}
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def exported(sources, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    ours, paths = {}, {}
+    for name, (src, kw, fmt) in CASES.items():
+        moe_dir = root / f"{name}-moe"
+        convert(UpcycleConfig(model=[sources[src]], out=str(moe_dir), **kw), progress=False)
+        model = AutoModelForCausalLM.from_pretrained(moe_dir).eval()
+        with torch.no_grad():
+            ours[name] = model(input_ids=ids).logits
+        export(str(moe_dir), fmt, str(root / name))
+        paths[name] = str(root / name)
+    proc = subprocess.run(
+        [sys.executable, "-c", PLAIN_TRANSFORMERS, json.dumps(ids.tolist()), json.dumps(paths)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+    return ours, theirs, paths
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_export_matches_in_plain_transformers(exported, name):
+    ours, theirs, _ = exported
+    fmt = CASES[name][2]
+    assert theirs[name]["type"] == ("MixtralForCausalLM" if fmt == "mixtral" else "Qwen2MoeForCausalLM")
+    torch.testing.assert_close(torch.tensor(theirs[name]["logits"]), ours[name], atol=2e-5, rtol=1e-5)
+
+
+def test_interleaving_maps_onto_qwen2_moe_sparse_step_or_layer_list(exported):
+    _, _, paths = exported
+    cfg = json.loads(Path(paths["llama_qwen_every_other"], "config.json").read_text())
+    assert cfg["decoder_sparse_step"] == 2 and cfg["mlp_only_layers"] == []
+    cfg = json.loads(Path(paths["llama_qwen_list_shared"], "config.json").read_text())
+    assert cfg["mlp_only_layers"] == [1, 2] and cfg["shared_expert_intermediate_size"] == 64
+
+
+@pytest.mark.parametrize(
+    "src,kw,fmt,messages",
+    [
+        ("gpt2", dict(method="naive"), "mixtral", ["architecture moe_gpt2"]),
+        ("llama", dict(method="naive", layers="every_other", top_k=1, renormalize=False), "mixtral",
+         ["moe_layers=[1, 3]", "renormalize=False"]),
+        ("llama", dict(method="naive", shared_experts=1), "qwen2_moe", ["shared_expert_gate"]),
+        ("llama", dict(method="naive", moe={"routing_unit": "sequence", "capacity_factor": 1.0}), "mixtral",
+         ["routing_unit=sequence", "capacity_factor=1.0"]),
+    ],
+)  # fmt: skip
+def test_unexpressible_models_name_every_setting(sources, tmp_path, src, kw, fmt, messages):
+    moe_dir = tmp_path / "moe"
+    convert(UpcycleConfig(model=[sources[src]], out=str(moe_dir), **kw), progress=False)
+    with pytest.raises(UserError) as err:
+        export(str(moe_dir), fmt, str(tmp_path / "out"))
+    for m in messages:
+        assert m in str(err.value)
+    assert not (tmp_path / "out").exists()
