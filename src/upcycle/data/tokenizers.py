@@ -46,3 +46,29 @@ def gpt2_tokenizer_offline():
         unk_token=GPT2_EOS,
         model_max_length=1024,
     )
+
+
+#: Hub names whose tokenizer is GPT-2's; offline, they fall back to :func:`gpt2_tokenizer_offline`.
+GPT2_TOKENIZER_NAMES = ("gpt2", "openai-community/gpt2", "gpt2-offline")
+
+
+def load_tokenizer(name: str, *, model_config=None):
+    """The tokenizer ``name`` (hub id or folder), with GPT-2's built offline where the Hub is unreachable.
+
+    ``gpt2-offline`` always builds GPT-2's tokenizer without the Hub. A model folder without tokenizer files
+    whose config is a GPT-2 family model with GPT-2's vocabulary (a converted or tiny test model) also gets
+    GPT-2's tokenizer; anything else raises a UserError asking for ``--tokenizer``.
+    """
+    from transformers import AutoTokenizer
+
+    if name == "gpt2-offline":
+        return gpt2_tokenizer_offline()
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as exc:  # offline hub, or a weights-only folder
+        vocab = getattr(model_config, "vocab_size", None)
+        model_type = str(getattr(model_config, "model_type", ""))
+        if name in GPT2_TOKENIZER_NAMES or (model_type in ("gpt2", "moe_gpt2") and vocab == 50257):
+            return gpt2_tokenizer_offline()
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot load a tokenizer from '{name}' ({first}); pass one with --tokenizer") from exc

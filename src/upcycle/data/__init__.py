@@ -1,0 +1,1 @@
+"""Datasets: streamed document sources, tokenisation, packing into blocks, tokenizers."""
