@@ -274,14 +274,10 @@ class MoE(nn.Module):
             starts_E = torch.cumsum(counts_E, 0) - counts_E
             position = torch.arange(order.numel(), device=order.device) - starts_E[flat_e[order]]
             keep = position < capacity
-            kept_mask = torch.zeros_like(flat_e, dtype=torch.bool).scatter(0, order, keep)
+            kept = torch.zeros_like(flat_e, dtype=torch.bool).scatter(0, order, keep)  # per assignment
             order = order[keep]
-            kept = kept_mask
-            dropped_assign = ~kept_mask
-            if flat_mask is not None:
-                dropped = (dropped_assign.float() * flat_mask).sum().long()
-            else:
-                dropped = dropped_assign.sum()
+            dropped_N = (~kept).float()
+            dropped = (dropped_N * flat_mask if flat_mask is not None else dropped_N).sum().long()
             counts_E = counts_E.clamp(max=capacity)
 
         token_of = order % T
