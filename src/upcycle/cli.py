@@ -15,6 +15,7 @@ COMMANDS: dict[str, str] = {
     "convert": "upcycle.upcycling.cli",
     "inspect": "upcycle.analysis.inspect",
     "export": "upcycle.models.export",
+    "pretrain": "upcycle.training.cli",
     "demo": "upcycle.demo",
 }
 

