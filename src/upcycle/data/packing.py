@@ -200,6 +200,9 @@ class PipelineState:
         return cls(meta, arrays["leftover"], list(arrays["buffer"]))
 
 
+_PAST_END = object()
+
+
 class _Failure:
     def __init__(self, exc: BaseException):
         self.exc = exc
@@ -249,6 +252,7 @@ class Prefetcher:
             rounds = 0
             while not self._stop.is_set():
                 if self.max_rounds is not None and rounds >= self.max_rounds:
+                    self._put(_PAST_END)
                     return
                 rounds += 1
                 batch_BS = self.blocks.next_round(self.micro_batch, self.world_size, self.rank)
@@ -261,9 +265,10 @@ class Prefetcher:
             self._put(_Failure(exc))
 
     def next(self) -> torch.Tensor:
-        if not self._thread.is_alive() and self._queue.empty():
-            raise UserError("the training data stream was read past the end of the run")
         item = self._queue.get()
+        if item is _PAST_END:
+            self._put(_PAST_END)  # stays at the end for further calls
+            raise UserError("the training data stream was read past the end of the run")
         if item is None:
             raise UserError("the training data stream ended unexpectedly")
         if isinstance(item, _Failure):

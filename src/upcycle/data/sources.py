@@ -132,6 +132,7 @@ class DocumentStream:
         self._ds = None
         self._iter = None
         self._nonempty_in_epoch: int | None = 0
+        self.finished = False  # a single pass (loop=False) has ended
 
     # ------------------------------------------------------------------ iteration
     def _file_order(self) -> list[str] | None:
@@ -165,7 +166,7 @@ class DocumentStream:
     def take(self, n: int) -> list[str]:
         """Up to ``n`` non-empty documents (fewer only at the end of a single pass)."""
         out: list[str] = []
-        while len(out) < n:
+        while len(out) < n and not self.finished:
             if self._iter is None:
                 self._open()
             try:
@@ -175,6 +176,7 @@ class DocumentStream:
                     raise UserError(f"{self.spec.describe()} holds no non-empty documents") from None
                 self._source_state, self._iter = None, None
                 if not self.loop:
+                    self.finished = True
                     break
                 self.epoch += 1
                 self._nonempty_in_epoch = 0

@@ -149,7 +149,9 @@ def evaluate_lm(
                 if mask is not None:
                     mask = mask.to(device)
                     labels_BS = labels_BS.masked_fill(mask == 0, IGNORE_INDEX)
-                with autocast if autocast is not None else contextlib.nullcontext():
+                # A padding call (weight 0) must not count in the routing statistics either.
+                uncounted = isolated_routing_stats(model) if not weight else contextlib.nullcontext()
+                with uncounted, autocast if autocast is not None else contextlib.nullcontext():
                     logits_BSV = model(input_ids=ids_BS, attention_mask=mask).logits
                 if weight:
                     correct, counted = next_token_counts(logits_BSV, labels_BS)
