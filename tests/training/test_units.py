@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def make_checkpoint(root: Path, step: int) -> Path:
     (folder / ckpt.STATE_DIR).mkdir(parents=True)
     (folder / "config.json").write_text("{}")
     (folder / "model.safetensors").write_bytes(b"x" * 100)
-    (folder / ckpt.STATE_DIR / ckpt.TRAINER_STATE).write_text('{"step": %d}' % step)
+    (folder / ckpt.STATE_DIR / ckpt.TRAINER_STATE).write_text(json.dumps({"step": step}))
     ckpt.write_manifest(folder, step)
     return folder
 
