@@ -159,6 +159,38 @@ def describe_model(model, seq_len: int) -> str:
     )
 
 
+# --------------------------------------------------------------------------- one optimizer step
+
+
+def forward_backward(accelerator, model, micro_batches, keys: tuple[str, ...]) -> torch.Tensor:
+    """Forward and backward of one step's micro-batches (each (B, S) token ids, labels = inputs).
+
+    Returns the step's sums on the device: the output fields ``keys`` (``loss`` and, for MoE models,
+    the auxiliary terms), then next-token correct and counted. Only the last micro-batch synchronises
+    gradients across processes (``accelerator.accumulate``).
+    """
+    sums = torch.zeros(len(keys) + 2, device=accelerator.device)
+    for ids_BS in micro_batches:
+        ids_BS = ids_BS.to(accelerator.device, non_blocking=True)
+        with accelerator.accumulate(model):
+            out = model(input_ids=ids_BS, labels=ids_BS)
+            # One backward of the full loss: Accelerate divides it by the accumulation steps and DDP
+            # averages over processes, so the auxiliary terms are scaled exactly like the LM loss.
+            accelerator.backward(out.loss)
+        with torch.no_grad():
+            correct, counted = next_token_counts(out.logits, ids_BS)
+            sums += torch.stack(
+                [getattr(out, k).detach().float() for k in keys] + [correct.float(), counted.float()]
+            )
+    return sums
+
+
+def clip_gradients(accelerator, model, clip: float) -> torch.Tensor | None:
+    """Global gradient norm before clipping (clip ≤ 0: measured, not clipped); None under DeepSpeed,
+    which clips inside its engine."""
+    return accelerator.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+
+
 # --------------------------------------------------------------------------- run folder
 
 
@@ -492,21 +524,10 @@ def _train(cfg: PretrainConfig, accelerator, display: Display, on_step) -> Pretr
             display.restart_clock()
             while step < cfg.steps:
                 # --- one optimizer step: grad_accum micro-batches, then one all-reduce of the figures.
-                sums = torch.zeros(len(keys) + 2, device=accelerator.device)
-                for _ in range(cfg.grad_accum):
-                    ids_BS = prefetch.next().to(accelerator.device, non_blocking=True)
-                    with accelerator.accumulate(model):
-                        out = model(input_ids=ids_BS, labels=ids_BS)
-                        accelerator.backward(out.loss)
-                    with torch.no_grad():
-                        correct, counted = next_token_counts(out.logits, ids_BS)
-                        sums += torch.stack(
-                            [getattr(out, k).detach().float() for k in keys]
-                            + [correct.float(), counted.float()]
-                        )
-                grad_norm = accelerator.clip_grad_norm_(
-                    model.parameters(), cfg.clip if cfg.clip > 0 else float("inf")
+                sums = forward_backward(
+                    accelerator, model, (prefetch.next() for _ in range(cfg.grad_accum)), keys
                 )
+                grad_norm = clip_gradients(accelerator, model, cfg.clip)
                 flag = torch.tensor([1.0 if stop.requested else 0.0], device=accelerator.device)
                 host = accelerator.reduce(torch.cat([sums, flag]), "sum").tolist()
                 n_micro = cfg.grad_accum * W
