@@ -317,6 +317,11 @@ def pretrain(cfg: PretrainConfig, *, on_step: Callable[[int, dict], None] | None
     cfg.validate()
     cfg.check_runnable()
     _quiet_hf_notes()
+    if cfg.wandb:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise UserError("--wandb needs the wandb package: pip install 'upcycle[wandb]'")
     run_dir = Path(cfg.out)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
@@ -419,8 +424,9 @@ def _train(cfg: PretrainConfig, accelerator, display: Display, on_step) -> Pretr
         else None
     )
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
-    if resume_from is not None:
-        metrics.truncate_after(step)
+    if cfg.resume:
+        # Records written after the checkpoint (or all, when no checkpoint was usable) are redone.
+        metrics.truncate_after(step if resume_from is not None else -1)
 
     # ---- trackers
     if accelerator.log_with:
@@ -429,13 +435,13 @@ def _train(cfg: PretrainConfig, accelerator, display: Display, on_step) -> Pretr
             for k, v in cfg.resolved().to_dict().items()
         }
         init_kwargs = {
-            "tensorboard": {"purge_step": step} if step else {},
+            "tensorboard": {"purge_step": step} if cfg.resume else {},
             "wandb": {"id": info["run_id"], "resume": "allow", "name": run_dir.name, "dir": str(run_dir)},
         }
         accelerator.init_trackers(cfg.wandb_project, config=flat, init_kwargs=init_kwargs)
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum * W * cfg.seq_len
-    display.start_step = step
+    display.set_start(step)
     display.print(f"model: {description}")
     display.print(
         f"data: {train_spec.describe()} → {cfg.seq_len}-token blocks, shuffle buffer {cfg.shuffle_buffer}, "

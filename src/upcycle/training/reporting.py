@@ -151,6 +151,12 @@ class Display:
             self.task = self.bar.add_task("train", total=total_steps, completed=start_step, loss="-", tps="-")
             self.bar.start()
 
+    def set_start(self, step: int) -> None:
+        """The step a (resumed) run starts from: the bar starts there, the ETA counts from there."""
+        self.start_step = step
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step)
+
     def restart_clock(self) -> None:
         self.t0 = time.perf_counter()
 
