@@ -137,3 +137,29 @@ def test_config_layers_and_resume_rules(tmp_path):
         config_from_args({"config": str(user_yaml)})
     assert err.value.field == "step"
     assert math.isclose(PretrainConfig(lr=1e-3).resolved_min_lr, 1e-4)
+
+
+def test_display_bar_and_lines(capsys):
+    from upcycle.training.reporting import Display
+
+    record = {"step": 5, "loss": 2.5, "lm_loss": 2.4, "aux_loss": 0.1, "accuracy": 0.3, "lr": 1e-4,
+              "grad_norm": 0.5, "tokens_per_s": 1234.0, "skipped_nonfinite": 1}  # fmt: skip
+    bar = Display(10, 0, "bar")
+    bar.set_start(4)
+    bar.step(5, 2.5, 1234.0)
+    bar.train_record(record)  # the bar shows it; no extra line
+    bar.print("eval step 5: ...")
+    bar.close()
+    lines = Display(10, 4, "lines")
+    lines.train_record(record)
+    out = capsys.readouterr().out
+    assert "eval step 5" in out
+    assert (
+        "step 5/10 | loss 2.5000 | lm 2.4000 | aux 0.1 | acc 0.300 | lr 1.00e-04 | grad 0.5 | 1,234 tok/s"
+        in out
+    )
+    assert "skipped 1" in out
+    assert (
+        PretrainConfig(steps=500).resolved_warmup == 5
+        and PretrainConfig(steps=500, warmup=0).resolved_warmup == 0
+    )

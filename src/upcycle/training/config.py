@@ -70,8 +70,8 @@ class PretrainConfig:
     """Peak learning rate (AdamW). 2e-4 is Drop-Upcycling's MoE peak (Nakamura et al. 2025, App. B)."""
     min_lr: float | None = None
     """Final learning rate of the cosine/linear decay (default lr / 10)."""
-    warmup: int = 100
-    """Linear warm-up steps from 0 to lr."""
+    warmup: int | None = None
+    """Linear warm-up steps from 0 to lr (default: 1 % of --steps)."""
     schedule: Schedule = "cosine"
     """Learning-rate decay after warm-up: cosine | linear | constant."""
     weight_decay: float = 0.1
@@ -131,6 +131,8 @@ class PretrainConfig:
                 raise ConfigError(name, value, "must be a positive integer")
         for name in ("warmup", "eval_every", "save_every", "keep_last", "shuffle_buffer"):
             value = getattr(self, name)
+            if value is None and name == "warmup":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(name, value, "must be an integer ≥ 0")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
@@ -143,7 +145,7 @@ class PretrainConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ConfigError(name, value, "must be in [0, 1)")
-        if self.warmup > self.steps:
+        if self.warmup is not None and self.warmup > self.steps:
             raise ConfigError("warmup", self.warmup, f"must be ≤ steps ({self.steps})")
         if self.resume and self.overwrite:
             raise ConfigError("overwrite", True, "cannot be combined with --resume")
@@ -170,6 +172,10 @@ class PretrainConfig:
     @property
     def resolved_data_config(self) -> str | None:
         return self.data_config if self.data_config is not None else DEFAULT_DATA_CONFIG.get(self.data)
+
+    @property
+    def resolved_warmup(self) -> int:
+        return round(0.01 * self.steps) if self.warmup is None else self.warmup
 
     @property
     def resolved_min_lr(self) -> float:

@@ -391,7 +391,7 @@ def _train(cfg: PretrainConfig, accelerator, display: Display, on_step) -> Pretr
         optimizer,
         lr=cfg.lr,
         min_lr=cfg.resolved_min_lr,
-        warmup=cfg.warmup,
+        warmup=cfg.resolved_warmup,
         steps=cfg.steps,
         schedule=cfg.schedule,
     )
@@ -452,7 +452,7 @@ def _train(cfg: PretrainConfig, accelerator, display: Display, on_step) -> Pretr
         f"{cfg.grad_accum} accumulation × {W} process{'es' if W > 1 else ''} = {tokens_per_step:,} tokens per step"
     )
     display.print(
-        f"schedule: {cfg.steps:,} steps, lr {cfg.lr:g} {cfg.schedule} → {cfg.resolved_min_lr:g}, warmup {cfg.warmup}; "
+        f"schedule: {cfg.steps:,} steps, lr {cfg.lr:g} {cfg.schedule} → {cfg.resolved_min_lr:g}, warmup {cfg.resolved_warmup}; "
         f"precision {cfg.precision}; {accelerator.distributed_type.value} on {accelerator.device}"
     )
     if resume_from is not None:
