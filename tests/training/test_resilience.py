@@ -47,10 +47,11 @@ def subprocess_env() -> dict:
     }
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_identical(corpus, moe_dir, tmp_path):
     """Dropout, router jitter, the shuffle buffer and AdamW all carry state across the kill."""
     cfg = tiny_config(
-        corpus, tmp_path / "uninterrupted", model=moe_dir, steps=48, save_every=8, keep_last=0, eval_every=0,
+        corpus, tmp_path / "uninterrupted", model=moe_dir, steps=32, save_every=8, keep_last=0, eval_every=0,
         eval_data="none", log_every=4,
     )  # fmt: skip
     reference = pretrain(cfg)
@@ -75,11 +76,11 @@ def test_resume_after_sigkill_is_bitwise_identical(corpus, moe_dir, tmp_path):
     proc.wait()
     proc.stderr.close()
     before = ckpt.list_checkpoints(Path(killed.out) / "checkpoints")
-    assert before and before[-1][0] < 48
+    assert before and before[-1][0] < 32
 
     resumed = pretrain(dataclasses.replace(killed, resume=True))
     start = ckpt.read_trainer_state(resumed.resumed_from)
-    assert resumed.resumed_from == before[-1][1] and resumed.step == 48
+    assert resumed.resumed_from == before[-1][1] and resumed.step == 32
     assert_bitwise_equal(weights(reference.final_dir), weights(resumed.final_dir))
 
     # The log continues exactly: same losses after the resume point, one record per logged step.
@@ -182,8 +183,8 @@ def nan_setup(tmp_path_factory):
     tok = gpt2_tokenizer_offline()
     (trigger,) = tok(" elephant")["input_ids"]
     texts = make_texts(300, seed=5)
-    texts[200] += " An elephant walks by."
-    assert all(trigger not in ids for i, ids in enumerate(tok(texts)["input_ids"]) if i != 200)
+    texts[120] += " An elephant walks by."
+    assert all(trigger not in ids for i, ids in enumerate(tok(texts)["input_ids"]) if i != 120)
     data = write_jsonl(root / "train.jsonl", texts)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(
@@ -200,7 +201,7 @@ def nan_setup(tmp_path_factory):
 def test_nonfinite_loss_stops_with_the_step_and_keeps_checkpoints(nan_setup, tmp_path):
     corpus, model_dir, _ = nan_setup
     cfg = tiny_config(
-        corpus, tmp_path / "run", model=model_dir, steps=80, save_every=5, keep_last=0, eval_data="none"
+        corpus, tmp_path / "run", model=model_dir, steps=40, save_every=5, keep_last=0, eval_data="none"
     )
     with pytest.raises(NonFiniteError) as err:
         pretrain(cfg)
@@ -220,13 +221,13 @@ def test_skip_nonfinite_skips_and_counts(nan_setup, tmp_path):
         corpus,
         tmp_path / "run",
         model=model_dir,
-        steps=80,
+        steps=40,
         save_every=0,
         eval_data="none",
         skip_nonfinite=True,
     )
     result = pretrain(cfg)
-    assert result.step == 80 and result.skipped_nonfinite >= 1
+    assert result.step == 40 and result.skipped_nonfinite >= 1
     log = read_metrics(Path(cfg.out) / "metrics.jsonl", "train")
     assert log[-1]["skipped_nonfinite"] == result.skipped_nonfinite
     bad_steps = [r["step"] for r in log if r["loss"] == "nan"]
