@@ -89,16 +89,16 @@ def main() -> None:
     )
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5 on CPU, 20 on GPU)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 1 on CPU, 5 on GPU)")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7 on CPU, 20 on GPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 2 on CPU, 5 on GPU)")
     ap.add_argument(
         "--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: by device name)"
     )
     args = ap.parse_args()
     on_gpu = args.device.startswith("cuda")
     precision = args.precision or ("bf16" if on_gpu else "fp32")
-    rounds = args.rounds or (20 if on_gpu else 5)
-    warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
+    rounds = args.rounds or (20 if on_gpu else 7)
+    warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 2)
 
     from accelerate import Accelerator
 

@@ -179,8 +179,11 @@ def forward_backward(accelerator, model, micro_batches, keys: tuple[str, ...]) -
             accelerator.backward(out.loss)
         with torch.no_grad():
             correct, counted = next_token_counts(out.logits, ids_BS)
+            zero = out.loss.new_zeros(())  # a model whose MoE layers have no router has no aux terms
+            values = [getattr(out, k) for k in keys]
             sums += torch.stack(
-                [getattr(out, k).detach().float() for k in keys] + [correct.float(), counted.float()]
+                [(zero if v is None else v).detach().float() for v in values]
+                + [correct.float(), counted.float()]
             )
     return sums
 
@@ -417,7 +420,6 @@ def _train(cfg: PretrainConfig, accelerator, display: Display, on_step) -> Pretr
             int(state.get("skipped_nonfinite", 0)),
         )
         blocks.restore(PipelineState.load(resume_from / ckpt.STATE_DIR))
-    eval_spec = eval_source(cfg, train_spec)
     evals = (
         EvalBatches(eval_spec, tokenizer, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
         if eval_spec
