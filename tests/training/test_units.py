@@ -163,3 +163,21 @@ def test_display_bar_and_lines(capsys):
         PretrainConfig(steps=500).resolved_warmup == 5
         and PretrainConfig(steps=500, warmup=0).resolved_warmup == 0
     )
+
+
+def test_eval_source_defaults(tmp_path):
+    from upcycle.data.sources import resolve_source
+    from upcycle.training.loop import eval_source
+
+    hub = PretrainConfig()
+    spec = eval_source(
+        hub, resolve_source(hub.data, hub.resolved_data_config, hub.data_split, hub.text_field)
+    )
+    assert (spec.name, spec.config, spec.split) == ("allenai/c4", "en", "validation")  # C4 validation
+    local = tmp_path / "train.jsonl"
+    local.write_text('{"text": "a"}\n')
+    cfg = PretrainConfig(data=str(local))
+    train = resolve_source(cfg.data, None, "train", "text")
+    assert eval_source(cfg, train) is None  # no held-out split of a local file unless given
+    assert eval_source(PretrainConfig(data=str(local), eval_data=str(local)), train).files == (str(local),)
+    assert eval_source(PretrainConfig(eval_data="none"), spec) is None
