@@ -65,7 +65,8 @@ def test_two_processes_match_one_with_double_accumulation(corpus, strong_aux_moe
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()][:5]
+    assert proc.returncode == 0, "\n".join(errors) + proc.stderr[-3000:]
     assert "= 2 per process × 2 accumulation × 2 processes" in proc.stdout
     assert proc.stdout.count("done:") == 1  # only the main process reports
 

@@ -10,6 +10,7 @@ was consumed"; datasets may still scan a compressed shard up to the position, bu
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,22 +96,38 @@ def resolve_source(
     return SourceSpec(name, None, split, text_field, builders.pop(), tuple(str(p) for p in files))
 
 
-def open_stream(spec: SourceSpec, file_order: list[str] | None = None):
-    """A streaming ``datasets.IterableDataset`` of the source (local files in ``file_order``)."""
+def open_stream(spec: SourceSpec, file_order: list[str] | None = None, attempts: int = 4):
+    """A streaming ``datasets.IterableDataset`` of the source (local files in ``file_order``).
+
+    Several processes (ranks of one run, or runs sharing a cache) open the same source at once, and
+    datasets coordinates them through lock files in its cache, a step known to race (huggingface/datasets
+    #543, #2187): file-system errors are retried a few times with a short random back-off.
+    """
+    import random
+    import time
+
     from datasets import load_dataset
 
-    try:
-        if spec.is_local:
-            # One shard per file; "line" samples make each line of a text file one document.
-            files = list(file_order or spec.files or ())
-            return load_dataset(spec.builder, data_files={"train": files}, split="train", streaming=True)
-        return load_dataset(spec.name, spec.config, split=spec.split, streaming=True)
-    except Exception as exc:  # hub unreachable, unknown dataset or config, unreadable file
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    for attempt in range(attempts):
+        try:
+            if spec.is_local:
+                # One shard per file; "line" samples make each line of a text file one document.
+                files = list(file_order or spec.files or ())
+                return load_dataset(spec.builder, data_files={"train": files}, split="train", streaming=True)
+            return load_dataset(spec.name, spec.config, split=spec.split, streaming=True)
+        except OSError:
+            if attempt + 1 < attempts and spec.is_local:  # the Hub client retries on its own
+                time.sleep(0.2 * 2**attempt * (1 + random.random()))
+                continue
+            error = sys.exc_info()[1]
+        except Exception as exc:  # unknown dataset or config, unreadable file
+            error = exc
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UserError(
             f"cannot open dataset {spec.describe()}: {first}"
             + ("" if spec.is_local else " (offline? pass a local folder or file with --data / --eval-data)")
-        ) from exc
+        ) from error
+    raise AssertionError("unreachable")
 
 
 class DocumentStream:
