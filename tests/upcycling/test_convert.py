@@ -179,3 +179,23 @@ def test_failure_while_saving_leaves_nothing_behind(sources, tmp_path, monkeypat
     with pytest.raises(OSError, match="disk full"):
         convert(UpcycleConfig(model=[sources["gpt2"]], out=str(tmp_path / "o")), progress=False)
     assert os.listdir(tmp_path) == []
+
+
+def test_tokenizer_is_copied_only_when_usable(sources, tmp_path):
+    from upcycle.data.tokenizers import gpt2_tokenizer_offline
+
+    # A weights-only folder: transformers builds an empty tokenizer from it; it must not be copied.
+    out = tmp_path / "no-tok"
+    convert(UpcycleConfig(model=[sources["gpt2"]], method="naive", out=str(out)), progress=False)
+    assert not (out / "tokenizer.json").exists() and not (out / "tokenizer_config.json").exists()
+    # A folder with a real tokenizer: copied, and it tokenises as the source's does.
+    src = tmp_path / "with-tok"
+    from tests.upcycling.conftest import tiny_gpt2
+
+    tiny_gpt2(vocab_size=50257).save_pretrained(src)
+    gpt2_tokenizer_offline().save_pretrained(src)
+    out = tmp_path / "tok"
+    convert(UpcycleConfig(model=[str(src)], method="naive", out=str(out)), progress=False)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out)("Hello world").input_ids == [15496, 995]

@@ -22,6 +22,7 @@ from transformers.initialization import no_init_weights
 
 import upcycle
 from upcycle.config import ConfigError, UserError
+from upcycle.data.tokenizers import usable
 from upcycle.io import atomic_output_dir, check_output_dir
 from upcycle.models.modeling import Family, family_for
 from upcycle.moe import MoE, MoEConfig
@@ -73,6 +74,10 @@ def load_source(name: str) -> Source:
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception:  # a weights-only folder is a valid source; the output then has no tokenizer
+        tokenizer = None
+    if tokenizer is not None and not usable(tokenizer):
+        # transformers 5 builds an empty tokenizer from a folder without vocabulary files instead of
+        # failing; copying it would make every later text → [] silently.
         tokenizer = None
     return Source(name, model.eval(), tokenizer)
 
