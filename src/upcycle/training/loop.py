@@ -309,6 +309,11 @@ class EvalBatches:
 # --------------------------------------------------------------------------- the loop
 
 
+def _parallelism(accelerator) -> str:
+    kind = accelerator.distributed_type.value
+    return "single process" if kind == "NO" else f"{kind} × {accelerator.num_processes} processes"
+
+
 def pretrain(cfg: PretrainConfig, *, on_step: Callable[[int, dict], None] | None = None) -> PretrainResult:
     """Train ``cfg.model`` on ``cfg.data`` for ``cfg.steps`` optimizer steps; see the module docstring.
 
@@ -455,7 +460,7 @@ def _train(cfg: PretrainConfig, accelerator, display: Display, on_step) -> Pretr
     )
     display.print(
         f"schedule: {cfg.steps:,} steps, lr {cfg.lr:g} {cfg.schedule} → {cfg.resolved_min_lr:g}, warmup {cfg.resolved_warmup}; "
-        f"precision {cfg.precision}; {accelerator.distributed_type.value} on {accelerator.device}"
+        f"precision {cfg.precision}; {_parallelism(accelerator)} on {accelerator.device}"
     )
     if resume_from is not None:
         display.print(f"resuming from {resume_from} (step {step:,}, {tokens:,} tokens)")
