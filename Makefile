@@ -37,6 +37,8 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/moe_layer.py
+	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/convert.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache

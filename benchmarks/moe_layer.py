@@ -9,11 +9,16 @@ of experts, the script times forward+backward on the same 4096 tokens for
 - Hugging Face's ``MixtralSparseMoeBlock`` with its ``eager`` and ``grouped_mm`` expert implementations
   (Mixtral experts are always gated, so its ratio is against a dense gated MLP of the same sizes),
 
-interleaving the candidates round by round and reporting medians. The process runs with the default
-allocator settings, as training does: glibc serves the dense MLP's 50 MB activations from fresh mmaps
-(page faults every step) and the experts' smaller slices from its heap, which favours the MoE by a few
-percent; with ``MALLOC_MMAP_MAX_=0`` (no page faults for anyone) top-1/8 measured about 5% higher. The ratio column is the median over rounds of MoE ÷ dense timed in the same round;
-for top-2 the active FLOPs are twice the dense ones, so the ideal is 2.0.
+interleaving the candidates round by round and reporting medians. The ratio column is the median over
+rounds of MoE ÷ dense timed in the same round; for top-2 the active FLOPs are twice the dense ones, so
+the ideal is 2.0.
+
+On CPU the process keeps freed memory as ``upcycle pretrain`` does (``upcycle.training.memory``; glibc's
+mmap threshold at its 32 MiB maximum, no heap trimming). The dense MLP's hidden activation at 4096 tokens
+(4096 × 3072 floats = 50 MB) is above that threshold and page-faults every call in any case, like a dense
+model's would in training, while the experts' slices are reused from the heap: that favours the MoE by a
+few percent (with no page faults for anyone, ``MALLOC_MMAP_MAX_=0``, top-1/8 measured about 5 % higher).
+``--default-malloc`` keeps glibc's defaults.
 
     python benchmarks/moe_layer.py                         # CPU, float32 (the issue's targets)
     python benchmarks/moe_layer.py --device cuda --dtype bf16
@@ -33,6 +38,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from upcycle.moe import MoE, MoEConfig
 from upcycle.moe.experts import make_expert
+from upcycle.training.memory import keep_freed_memory
 
 TARGETS = {("top1", 8): 1.05, ("top2", 8): 2.1, ("top1", 32): 1.25}
 
@@ -113,10 +119,17 @@ def main() -> None:
     ap.add_argument("--hf-rounds", type=int, default=3, help="timed rounds for the Hugging Face blocks")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face blocks")
+    ap.add_argument("--default-malloc", action="store_true", help="CPU: glibc's defaults, not pretrain's")
     args = ap.parse_args()
+    malloc = "default malloc"
+    if args.device == "cpu" and not args.default_malloc:
+        malloc = "malloc keeps freed memory" if keep_freed_memory() else "default malloc (not glibc)"
+
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.manual_seed(0)
-    print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} tokens={args.tokens}")
+    print(
+        f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} tokens={args.tokens} ({malloc})"
+    )
     print(
         f"{'shape':8} {'route':5} {'E':>3} {'dense ms':>9} {'ours ms':>8} {'ours×':>6} {'target':>7} "
         f"{'hf-eager×':>9} {'hf-grouped×':>11}"

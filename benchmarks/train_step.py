@@ -8,6 +8,10 @@ and 2.6× the parameters. The candidates alternate round by round, so a slow dri
 neighbour's job) hits all; the ratio is the median over rounds of MoE ÷ dense timed in the same round.
 Issue 4's target on CPU: MoE ÷ dense ≤ 1.10.
 
+On CPU the process keeps freed memory as ``upcycle pretrain`` does (``upcycle.training.memory``: no
+page faults for re-allocated activations and gradients); ``--default-malloc`` measures with glibc's
+defaults instead (slower for both, noisier, and harder on the MoE, which frees a gradient per expert).
+
 The dense model uses GPT-2's tanh-approximated GELU as one fused kernel (``gelu_pytorch_tanh``), like
 the MoE's experts (``upcycle.moe.experts.activation_fn``), so the ratio measures the MoE and nothing
 else. Hugging Face's own ``gelu_new`` computes the same function in five element-wise kernels; the
@@ -30,6 +34,7 @@ from upcycle.analysis.accounting import account
 from upcycle.models.presets import build_model
 from upcycle.training.config import PretrainConfig
 from upcycle.training.loop import MOE_LOSSES, clip_gradients, forward_backward, make_optimizer
+from upcycle.training.memory import keep_freed_memory
 from upcycle.training.schedule import make_scheduler
 from upcycle.upcycling import Source, UpcycleConfig, upcycle_model
 
@@ -94,8 +99,15 @@ def main() -> None:
     ap.add_argument(
         "--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: by device name)"
     )
+    ap.add_argument(
+        "--default-malloc", action="store_true", help="CPU: glibc's default malloc settings, not pretrain's"
+    )
     args = ap.parse_args()
     on_gpu = args.device.startswith("cuda")
+    malloc = "default malloc"
+    if not on_gpu and not args.default_malloc:
+        malloc = "malloc keeps freed memory" if keep_freed_memory() else "default malloc (not glibc)"
+
     precision = args.precision or ("bf16" if on_gpu else "fp32")
     rounds = args.rounds or (20 if on_gpu else 7)
     warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 2)
@@ -142,7 +154,7 @@ def main() -> None:
     print(
         f"device {accelerator.device} ({torch.cuda.get_device_name() if on_gpu else f'{torch.get_num_threads()} threads'}), "
         f"{precision}, seq {args.seq_len} × micro-batch {args.batch_size} = {tokens} tokens per step, "
-        f"{warmup} warm-up + {rounds} timed rounds"
+        f"{warmup} warm-up + {rounds} timed rounds" + ("" if on_gpu else f"; {malloc}")
     )
     for r in range(warmup + rounds):
         batch = torch.randint(0, dense.config.vocab_size, (args.batch_size, args.seq_len), generator=g)

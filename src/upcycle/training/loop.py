@@ -32,6 +32,7 @@ from upcycle.data.sources import DocumentStream, SourceSpec, resolve_source
 from upcycle.evaluation.lm import evaluate_lm, moe_layers_of, next_token_counts, routing_summary
 from upcycle.training import checkpoint as ckpt
 from upcycle.training.config import PretrainConfig, check_resume_compatible
+from upcycle.training.memory import keep_freed_memory
 from upcycle.training.reporting import Display, MetricsLog, format_eval_line, tracker_scalars
 from upcycle.training.schedule import make_scheduler
 from upcycle.training.signals import StopRequest
@@ -464,6 +465,8 @@ def _train(cfg: PretrainConfig, accelerator, display: Display, on_step) -> Pretr
     )
     if resume_from is not None:
         display.print(f"resuming from {resume_from} (step {step:,}, {tokens:,} tokens)")
+    if accelerator.device.type == "cpu" and cfg.cpu_keep_memory and not keep_freed_memory():
+        display.print("note: --cpu-keep-memory has no effect here (it needs glibc's malloc)")
 
     result = PretrainResult(run_dir, step, tokens, resumed_from=resume_from, skipped_nonfinite=skipped)
     last_saved: Path | None = resume_from
