@@ -5,7 +5,9 @@ of experts, the script times forward+backward on the same 4096 tokens for
 
 - the dense MLP whose FLOPs equal one expert's (the dense model being upcycled, i.e. the active FLOPs
   of top-1 routing),
-- our ``MoE`` layer,
+- our ``MoE`` layer as it runs by default (on CPU: experts side by side on single-threaded workers,
+  ``upcycle.moe.bank``), and the same layer with its experts one after another, each on all threads
+  (``seq×``; what ``set_cpu_expert_workers(1)`` selects and what a GPU always runs),
 - Hugging Face's ``MixtralSparseMoeBlock`` with its ``eager`` and ``grouped_mm`` expert implementations
   (Mixtral experts are always gated, so its ratio is against a dense gated MLP of the same sizes),
 
@@ -13,12 +15,12 @@ interleaving the candidates round by round and reporting medians. The ratio colu
 rounds of MoE ÷ dense timed in the same round; for top-2 the active FLOPs are twice the dense ones, so
 the ideal is 2.0.
 
-On CPU the process keeps freed memory as ``upcycle pretrain`` does (``upcycle.training.memory``; glibc's
-mmap threshold at its 32 MiB maximum, no heap trimming). The dense MLP's hidden activation at 4096 tokens
-(4096 × 3072 floats = 50 MB) is above that threshold and page-faults every call in any case, like a dense
-model's would in training, while the experts' slices are reused from the heap: that favours the MoE by a
-few percent (with no page faults for anyone, ``MALLOC_MMAP_MAX_=0``, top-1/8 measured about 5 % higher).
-``--default-malloc`` keeps glibc's defaults.
+On CPU the process serves every allocation from a heap it never trims (``--malloc heap``, the default;
+``upcycle.training.memory.keep_freed_memory(heap_only=True)``), so after warm-up nobody page-faults and the
+ratios compare compute alone. ``--malloc keep`` is what ``upcycle pretrain`` sets (mmap above 32 MiB, no
+trimming): there the dense MLP's 4096-token hidden activations (≥ 32 MiB) are fresh ``mmap``s that
+page-fault every call while the experts' smaller slices are reused, which flatters the MoE by a few
+percent. ``--malloc default`` keeps glibc's defaults.
 
     python benchmarks/moe_layer.py                         # CPU, float32 (the issue's targets)
     python benchmarks/moe_layer.py --device cuda --dtype bf16
@@ -36,7 +38,7 @@ from torch import nn
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-from upcycle.moe import MoE, MoEConfig
+from upcycle.moe import MoE, MoEConfig, cpu_expert_workers_set
 from upcycle.moe.experts import make_expert
 from upcycle.training.memory import keep_freed_memory
 
@@ -55,6 +57,18 @@ class GatedDense(nn.Module):
     def forward(self, x):
         g, u = self.gate_up(x).chunk(2, dim=-1)
         return self.down(self.act(g) * u)
+
+
+class Sequential(nn.Module):
+    """The same layer with its experts run one after another, each GEMM on all intra-op threads."""
+
+    def __init__(self, moe: MoE):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x):
+        with cpu_expert_workers_set(1):
+            return self.moe(x)
 
 
 def sync(device: str) -> None:
@@ -119,11 +133,22 @@ def main() -> None:
     ap.add_argument("--hf-rounds", type=int, default=3, help="timed rounds for the Hugging Face blocks")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face blocks")
-    ap.add_argument("--default-malloc", action="store_true", help="CPU: glibc's defaults, not pretrain's")
+    ap.add_argument(
+        "--family", choices=["gpt2", "swiglu"], action="append", help="only these shapes (repeatable)"
+    )
+    ap.add_argument(
+        "--malloc",
+        choices=["heap", "keep", "default"],
+        default="heap",
+        help="CPU allocator: heap (no page faults after warm-up), keep (upcycle pretrain's), default (glibc's)",
+    )
     args = ap.parse_args()
     malloc = "default malloc"
-    if args.device == "cpu" and not args.default_malloc:
-        malloc = "malloc keeps freed memory" if keep_freed_memory() else "default malloc (not glibc)"
+    if args.device == "cpu" and args.malloc != "default":
+        if keep_freed_memory(heap_only=args.malloc == "heap"):
+            malloc = f"malloc={args.malloc}"
+        else:
+            malloc = "default malloc (not glibc)"
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.manual_seed(0)
@@ -132,11 +157,13 @@ def main() -> None:
     )
     print(
         f"{'shape':8} {'route':5} {'E':>3} {'dense ms':>9} {'ours ms':>8} {'ours×':>6} {'target':>7} "
-        f"{'hf-eager×':>9} {'hf-grouped×':>11}"
+        f"{'seq×':>5} {'hf-eager×':>9} {'hf-grouped×':>11}"
     )
     failures = []
     families = (("gpt2", 768, 3072, "mlp", "gelu_new"), ("swiglu", 768, 2048, "glu", "silu"))
     for family, D, F_, expert_type, act in families:
+        if args.family and family not in args.family:
+            continue
         for K, E in ((1, 8), (2, 8), (1, 32)):
             x = torch.randn(1, args.tokens, D, device=args.device, dtype=dtype, requires_grad=True)
             grad = torch.randn_like(x)
@@ -151,8 +178,16 @@ def main() -> None:
             )
             ours = MoE(cfg).to(args.device, dtype)
             dense = make_expert(expert_type, D, F_, act, expert_type == "mlp").to(args.device, dtype)
-            t = bench({"dense": dense, "ours": ours}, x, grad, args.device, args.rounds, args.warmup)
+            t = bench(
+                {"dense": dense, "ours": ours, "seq": Sequential(ours)},
+                x,
+                grad,
+                args.device,
+                args.rounds,
+                args.warmup,
+            )
             ratio = paired_ratio(t, "ours", "dense")
+            seq = paired_ratio(t, "seq", "dense")
             hf_e = hf_g = "-"
             if not args.no_hf:
                 hf_act = "gelu_pytorch_tanh" if act == "gelu_new" else act
@@ -173,7 +208,7 @@ def main() -> None:
             shown_target = f"≤{target}" if target else ""
             print(
                 f"{family:8} top{K:<2}  {E:>3} {median_ms(t, 'dense'):9.1f} {median_ms(t, 'ours'):8.1f} {ratio:6.2f} "
-                f"{shown_target:>7} {hf_e:>9} {hf_g:>11}{mark}",
+                f"{shown_target:>7} {seq:5.2f} {hf_e:>9} {hf_g:>11}{mark}",
                 flush=True,
             )
     print(f"{len(failures)} configuration(s) above target" if failures else "all targets met")

@@ -6,9 +6,13 @@
     moe.aux_losses                  # {'load_balancing', 'z', 'importance'} for this call
     moe.stats.summary()             # tokens per expert, balance, dropped
 
+On CPU the experts of a call run side by side on single-threaded workers (``upcycle.moe.bank``);
+``set_cpu_expert_workers(1)`` runs them one after another instead.
+
 No training code lives here (design notes, rules of the house).
 """
 
+from upcycle.moe.bank import cpu_expert_workers, cpu_expert_workers_set, set_cpu_expert_workers
 from upcycle.moe.config import MoEConfig, parse_router_init
 from upcycle.moe.experts import GLUExpert, MLPExpert, activation_fn
 from upcycle.moe.layer import MoE, MoEContext
@@ -26,9 +30,12 @@ __all__ = [
     "RouterStats",
     "Routing",
     "activation_fn",
+    "cpu_expert_workers",
+    "cpu_expert_workers_set",
     "importance_loss",
     "load_balancing_loss",
     "parse_router_init",
     "score",
+    "set_cpu_expert_workers",
     "z_loss",
 ]

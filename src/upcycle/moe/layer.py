@@ -8,7 +8,8 @@ capacity limit drops the later choices first), each expert runs once on its cont
 are scaled by their combine weights and put back in token order with an inverse permutation. Expert
 compute therefore costs the active FLOPs and nothing per inactive expert; every expert is still called
 (on an empty slice when it got no tokens) so its parameters always receive a gradient, which keeps
-DDP from failing on unused parameters.
+DDP from failing on unused parameters. On CPU the experts of one call may run side by side on
+single-threaded workers (:mod:`upcycle.moe.bank`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from upcycle.moe import losses
+from upcycle.moe import bank, losses
 from upcycle.moe.config import MoEConfig
 from upcycle.moe.experts import make_expert
 from upcycle.moe.router import Router, Routing, score
@@ -311,6 +312,11 @@ class MoE(nn.Module):
         return y_TD
 
     def _run_experts(self, xs_ND: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        # On CPU, experts run on single-threaded workers side by side when that computes the same thing
+        # (upcycle.moe.bank explains why and when); otherwise one after another with all threads each.
+        workers = bank.parallel_plan(self.experts, xs_ND, sizes)
+        if workers:
+            return bank.run_parallel(self.experts, xs_ND, sizes, workers)
         return torch.cat([e(c) for e, c in zip(self.experts, xs_ND.split(sizes))])
 
     # ------------------------------------------------------------------ forward

@@ -24,6 +24,7 @@ import sys
 #: mallopt parameter numbers from glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 
 #: glibc accepts mmap thresholds up to HEAP_MAX_SIZE / 2 = 32 MiB on 64-bit systems.
 MMAP_THRESHOLD = 32 << 20
@@ -42,12 +43,16 @@ def _glibc():
     return libc if hasattr(libc, "gnu_get_libc_version") else None
 
 
-def keep_freed_memory() -> bool:
-    """Set glibc's malloc to reuse freed memory (see the module docstring). True when both settings took
-    effect, False where the C library is not glibc or refused them."""
+def keep_freed_memory(heap_only: bool = False) -> bool:
+    """Set glibc's malloc to reuse freed memory (see the module docstring). ``heap_only`` also serves
+    allocations above 32 MiB from the heap (no ``mmap`` at all), so after a warm-up step nothing
+    page-faults; the benchmarks use it to compare compute alone. True when every setting took effect,
+    False where the C library is not glibc or refused them."""
     libc = _glibc()
     if libc is None:
         return False
-    ok_mmap = libc.mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(MMAP_THRESHOLD)) == 1
-    ok_trim = libc.mallopt(ctypes.c_int(M_TRIM_THRESHOLD), ctypes.c_int(TRIM_THRESHOLD)) == 1
-    return ok_mmap and ok_trim
+    ok = libc.mallopt(ctypes.c_int(M_MMAP_THRESHOLD), ctypes.c_int(MMAP_THRESHOLD)) == 1
+    ok &= libc.mallopt(ctypes.c_int(M_TRIM_THRESHOLD), ctypes.c_int(TRIM_THRESHOLD)) == 1
+    if heap_only:
+        ok &= libc.mallopt(ctypes.c_int(M_MMAP_MAX), ctypes.c_int(0)) == 1
+    return ok

@@ -1,0 +1,251 @@
+"""Running the routed experts on CPU: one expert per core rather than every core on each expert.
+
+Why (issue 2's speed targets; measured in ``benchmarks/moe_layer.py``): PyTorch splits every GEMM over
+all its intra-op threads. Once an expert gets few tokens (4096 tokens over 32 experts is 128 rows a
+GEMM), a GEMM split over two cores loses 10-25 % to the split, while the same GEMM on one core runs
+at the dense model's per-core speed (M=128 vs M=4096: 0.99x for 768→2048, 1.08x for 2048→768). So on
+CPU the experts go to a pool of single-threaded workers, largest slices first, in the forward and in
+the backward. The backward is written out by hand (``MLPExpert.backward_into``/
+``GLUExpert.backward_into``) inside one autograd Function over all experts, because the autograd
+engine runs a device's backward nodes one after another on one thread. Every large tensor (outputs,
+saved intermediates, gradients) is allocated on the calling thread: a tensor malloc'ed on a worker
+lives in that thread's glibc arena, whose heaps are unmapped when they empty and page-fault again
+every step (measured: 100k+ faults a step at 32 GPT-2 experts).
+
+The layer takes this path only where it computes exactly what the module loop does
+(:func:`parallel_plan` lists the conditions): CPU tensors, more than one worker, our own expert
+classes with plain ``nn.Linear`` projections and no hooks (so PEFT adapters, parametrizations and
+analysis hooks see the ordinary ``expert(x)`` calls), no autocast, no ``torch.compile`` tracing, and
+slices that keep the workers evenly busy. Otherwise it runs the experts one after another, each with
+all threads, which is also what every GPU run does.
+
+Workers: as many as ``torch.get_num_threads()`` by default; :func:`set_cpu_expert_workers` or the
+environment variable ``UPCYCLE_CPU_EXPERT_WORKERS`` changes that (0 or 1 turns the path off).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from upcycle.moe.experts import ACTIVATION_BACKWARD, GLUExpert, MLPExpert
+
+#: A worker's makespan may exceed a perfect split by this factor before the loop with all threads on
+#: each expert is preferred (that loop loses about as much on small slices).
+MAX_IMBALANCE = 1.15
+#: Fixed cost of one expert call in token rows (streaming its weights from memory), for the balance
+#: estimate: an empty or tiny slice still costs something.
+EXPERT_OVERHEAD_ROWS = 32
+
+_workers_setting: int | None = None
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _env_workers() -> int | None:
+    raw = os.environ.get("UPCYCLE_CPU_EXPERT_WORKERS")
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(
+            f"UPCYCLE_CPU_EXPERT_WORKERS={raw!r}: expected a non-negative integer (0 or 1 turns parallel "
+            "CPU experts off)"
+        ) from None
+    if value < 0:
+        raise ValueError(f"UPCYCLE_CPU_EXPERT_WORKERS={raw!r}: expected a non-negative integer")
+    return value
+
+
+def set_cpu_expert_workers(workers: int | None) -> None:
+    """Number of single-threaded workers running experts on CPU: None follows ``torch.get_num_threads()``
+    (the default), 0 or 1 runs experts one after another with all intra-op threads each."""
+    global _workers_setting
+    if workers is not None and (not isinstance(workers, int) or workers < 0):
+        raise ValueError(f"workers={workers!r}: expected None or a non-negative integer")
+    _workers_setting = workers
+
+
+def cpu_expert_workers() -> int:
+    """The number of CPU expert workers in effect now (1 means the path is off)."""
+    if _workers_setting is not None:
+        return max(_workers_setting, 1)
+    env = _env_workers()
+    return max(env if env is not None else torch.get_num_threads(), 1)
+
+
+class cpu_expert_workers_set:
+    """Context manager: ``with cpu_expert_workers_set(1): ...`` runs a block with another setting."""
+
+    def __init__(self, workers: int | None):
+        self.workers = workers
+
+    def __enter__(self):
+        global _workers_setting
+        self.saved = _workers_setting
+        set_cpu_expert_workers(self.workers)
+        return self
+
+    def __exit__(self, *exc):
+        global _workers_setting
+        _workers_setting = self.saved
+
+
+def _single_threaded() -> None:
+    # Intra-op thread counts are per thread (OpenMP ICV, mkl_set_num_threads_local): the caller keeps its own.
+    torch.set_num_threads(1)
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _pools_lock:
+        pool = _pools.get(workers)
+        if pool is None:
+            pool = _pools[workers] = ThreadPoolExecutor(
+                workers, thread_name_prefix="upcycle-expert", initializer=_single_threaded
+            )
+        return pool
+
+
+def _forget_pools_in_child() -> None:
+    # A forked child has none of the parent's threads; its executors would wait forever.
+    global _pools_lock
+    _pools.clear()
+    _pools_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools_in_child)
+
+
+def _is_plain(expert: nn.Module, dtype: torch.dtype) -> bool:
+    if type(expert) not in (MLPExpert, GLUExpert) or expert.activation not in ACTIVATION_BACKWARD:
+        return False
+    if any(p.dtype != dtype for p in expert.parameters()):
+        return False  # mixed dtypes: let the module calls raise PyTorch's usual error
+    for module in expert.modules():
+        if module is not expert and type(module) is not nn.Linear:
+            return False
+        if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
+            return False
+    return True
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as m
+
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks)
+
+
+def _lpt_order(sizes: Sequence[int]) -> list[int]:
+    return sorted(range(len(sizes)), key=lambda i: -sizes[i])
+
+
+def _imbalance(sizes: Sequence[int], workers: int) -> float:
+    """Makespan of greedy largest-first scheduling (what the pool does) over a perfect split."""
+    loads = [0] * workers
+    for i in _lpt_order(sizes):
+        j = loads.index(min(loads))
+        loads[j] += sizes[i] + EXPERT_OVERHEAD_ROWS
+    total = sum(loads)
+    return max(loads) * workers / total if total else float("inf")
+
+
+def parallel_plan(experts: Sequence[nn.Module], xs: torch.Tensor, sizes: Sequence[int]) -> int:
+    """Number of workers to run ``experts`` on their slices with, or 0 for the plain loop."""
+    workers = cpu_expert_workers()
+    if workers < 2 or xs.device.type != "cpu" or len(experts) < 2:
+        return 0
+    if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.is_autocast_enabled("cpu"):
+        return 0
+    if _global_hooks() or not all(_is_plain(e, xs.dtype) for e in experts):
+        return 0
+    shapes = {(type(e), e.down_proj.in_features, e.down_proj.out_features) for e in experts}
+    if len(shapes) > 1 or not xs.is_contiguous():
+        return 0
+    if _imbalance(sizes, workers) > MAX_IMBALANCE:
+        return 0
+    return workers
+
+
+def _run(pool: ThreadPoolExecutor, sizes: Sequence[int], job: Callable[[int], None]) -> None:
+    """``job(i)`` for every expert i on the pool, largest slice first; re-raises a worker's exception."""
+    inference = torch.is_inference_mode_enabled()
+
+    def call(i: int) -> None:
+        # Grad mode and inference mode are thread-local: workers start with grad enabled.
+        with torch.inference_mode(inference), torch.no_grad():
+            job(i)
+
+    for _ in pool.map(call, _lpt_order(sizes)):
+        pass
+
+
+def _forward(experts, xs: torch.Tensor, sizes: list[int], pool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """ys and the saved intermediates, all allocated here on the calling thread (see ``forward_into``)."""
+    first = experts[0]
+    N = xs.shape[0]
+    ys = xs.new_empty(N, first.down_proj.out_features)
+    saved = [xs.new_empty(N, first.down_proj.in_features) for _ in range(first.num_saved)]
+    xs_c, ys_c = xs.split(sizes), ys.split(sizes)
+    saved_c = [t.split(sizes) for t in saved]
+    _run(pool, sizes, lambda i: experts[i].forward_into(xs_c[i], ys_c[i], tuple(c[i] for c in saved_c)))
+    return ys, saved
+
+
+class _ExpertBank(torch.autograd.Function):
+    """ys = cat(expert_i(xs_i)) with every expert's forward and backward on the worker pool."""
+
+    @staticmethod
+    def forward(ctx, xs, sizes, experts, pool, *params):
+        ys, saved = _forward(experts, xs, sizes, pool)
+        ctx.sizes, ctx.experts, ctx.pool = sizes, experts, pool
+        ctx.save_for_backward(xs, *saved)
+        return ys
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dys):
+        xs, *saved = ctx.saved_tensors
+        sizes, experts = ctx.sizes, ctx.experts
+        needs = iter(ctx.needs_input_grad[4:])
+        grads: list[torch.Tensor | None] = []
+        buffers: list[dict[str, torch.Tensor]] = []
+        for expert in experts:
+            own = {}
+            for name, p in expert.named_parameters():
+                g = torch.empty_like(p) if next(needs) else None
+                grads.append(g)
+                if g is not None:
+                    own[name] = g
+            buffers.append(own)
+        dx = xs.new_empty(xs.shape) if ctx.needs_input_grad[0] else None
+        xs_c, dys_c = xs.split(sizes), dys.contiguous().split(sizes)
+        dx_c = dx.split(sizes) if dx is not None else [None] * len(sizes)
+        saved_c = [t.split(sizes) for t in saved]
+        _run(
+            ctx.pool,
+            sizes,
+            lambda i: experts[i].backward_into(
+                xs_c[i], tuple(c[i] for c in saved_c), dys_c[i], dx_c[i], buffers[i]
+            ),
+        )
+        return (dx, None, None, None, *grads)
+
+
+def run_parallel(
+    experts: Sequence[nn.Module], xs: torch.Tensor, sizes: list[int], workers: int
+) -> torch.Tensor:
+    """The experts on their contiguous slices of ``xs`` (sizes in expert order) on ``workers`` CPU workers."""
+    pool = _pool(workers)
+    experts = list(experts)
+    if not torch.is_grad_enabled():
+        return _forward(experts, xs, sizes, pool)[0]
+    params = [p for expert in experts for p in expert.parameters()]
+    return _ExpertBank.apply(xs, sizes, experts, pool, *params)
