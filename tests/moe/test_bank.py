@@ -295,3 +295,77 @@ print(faults[0], max(faults[2:]))
     first, later = map(int, out.stdout.split())
     # 16 experts' gradients alone are 32 MB (8k pages); once warm, a step reuses them.
     assert later * 10 < first, (first, later)
+
+
+def _run_python(code: str, env: dict | None = None) -> list[float]:
+    """Run ``code`` in a fresh interpreter (the pool and OpenMP state are per process); its printed numbers."""
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**base, **(env or {})}
+    )
+    return [float(v) for v in out.stdout.split()]
+
+
+def test_starting_workers_keeps_the_default_thread_count_of_later_threads():
+    """torch.set_num_threads(1) on a worker also sets ATen's process-wide default, which a thread started
+    later takes on its first op: without the restore, every such thread would be single-threaded."""
+    code = """
+import threading, torch
+from upcycle.moe import bank
+def new_thread_count():
+    out = []
+    t = threading.Thread(target=lambda: out.append(torch.get_num_threads()))
+    t.start(); t.join()
+    return out[0]
+torch.set_num_threads(2)
+before = new_thread_count()
+pool = bank._pool(2)
+meet = threading.Barrier(2)
+def count():
+    meet.wait(timeout=30)  # both workers, not one twice
+    return torch.get_num_threads()
+workers = [f.result() for f in [pool.submit(count) for _ in range(2)]]
+print(before, new_thread_count(), torch.get_num_threads(), *workers)
+"""
+    before, after, caller, *workers = _run_python(code)
+    assert before == after == caller == 2
+    assert workers == [1, 1]
+
+
+SPIN_CODE = """
+import time, torch
+from upcycle.moe import MoE, MoEConfig, cpu_expert_workers_set
+torch.set_num_threads(2)
+def idle_cpu():
+    # CPU time the process burns while its only busy thread sleeps after a parallel region: what idle
+    # OpenMP threads spend spinning.
+    t = torch.empty(1 << 20)
+    total = 0.0
+    for _ in range(20):
+        t.fill_(1.0)
+        start = time.process_time()
+        time.sleep(0.02)
+        total += time.process_time() - start
+    return total
+before = idle_cpu()
+moe = MoE(MoEConfig(hidden_size=64, intermediate_size=256, num_experts=4, top_k=1))
+with cpu_expert_workers_set(2):
+    moe(torch.randn(1, 512, 64)).sum().backward()
+print(before, idle_cpu())
+"""
+
+
+def test_idle_openmp_threads_stop_spinning_once_workers_exist():
+    """GNU OpenMP's idle threads spin for ms after each parallel region, on cores the workers need; the
+    pool makes libgomp spin only briefly (bank._shorten_openmp_spinning)."""
+    before, after = _run_python(SPIN_CODE)
+    if before < 0.01:
+        pytest.skip(f"this OpenMP runtime does not spin after parallel regions ({before * 1e3:.1f} ms)")
+    assert after * 4 < before, (before, after)
+
+
+def test_openmp_waiting_chosen_by_the_user_is_left_alone():
+    before, after = _run_python(SPIN_CODE, {"OMP_WAIT_POLICY": "ACTIVE"})
+    if before < 0.05:
+        pytest.skip(f"OMP_WAIT_POLICY=ACTIVE does not spin here ({before * 1e3:.1f} ms)")
+    assert after > before / 2, (before, after)

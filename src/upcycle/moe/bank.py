@@ -20,11 +20,16 @@ slices that keep the workers evenly busy. Otherwise it runs the experts one afte
 all threads, which is also what every GPU run does.
 
 Workers: as many as ``torch.get_num_threads()`` by default; :func:`set_cpu_expert_workers` or the
-environment variable ``UPCYCLE_CPU_EXPERT_WORKERS`` changes that (0 or 1 turns the path off).
+environment variable ``UPCYCLE_CPU_EXPERT_WORKERS`` changes that (0 or 1 turns the path off). Starting
+them has two process-wide effects, both on purpose: threads started later keep the default intra-op
+thread count (restored after the workers set theirs to 1), and idle GNU OpenMP threads sleep after
+about 100 spins instead of spinning for milliseconds on the cores the workers need
+(:func:`_shorten_openmp_spinning`; left alone when ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` is set).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -98,19 +103,85 @@ class cpu_expert_workers_set:
         _workers_setting = self.saved
 
 
-def _single_threaded() -> None:
-    # Intra-op thread counts are per thread (OpenMP ICV, mkl_set_num_threads_local): the caller keeps its own.
-    torch.set_num_threads(1)
+def _init_worker(counter: itertools.count, ready: threading.Barrier) -> None:
+    try:
+        # get_num_threads first: ATen sets a thread's count from the process-wide default on its first op
+        # unless it already has, which would undo the set_num_threads(1) below once _start_pool restores
+        # that default.
+        if torch.get_num_threads() > 1 and next(counter) == 0 and not _user_set_openmp_waiting():
+            _shorten_openmp_spinning()
+        # Intra-op thread counts are per thread (OpenMP ICV, mkl_set_num_threads_local): the caller keeps its
+        # own.
+        torch.set_num_threads(1)
+    finally:
+        ready.wait()
+
+
+def _user_set_openmp_waiting() -> bool:
+    return any(os.environ.get(name) for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
+
+
+def _shorten_openmp_spinning() -> None:
+    """Make idle OpenMP threads sleep almost at once instead of spinning for milliseconds.
+
+    After each parallel region GNU OpenMP (the runtime of PyTorch's pip wheels) keeps its idle threads
+    spinning for 300,000 iterations (a few ms) before they sleep. While the experts run, the caller's
+    OpenMP threads are idle, so each spins on a core a worker needs: 18 ms of CPU a forward+backward at
+    GPT-2 top-1/8 on 2 cores, and the layer 2.5-3.3 % slower for it (``benchmarks/moe_layer.py``). libgomp
+    spins only 100 iterations once it manages more threads than there are CPUs (its rule against
+    oversubscription), so one two-thread parallel region on a worker, whose team lives as long as the
+    worker, turns that on for the process. Measured on the same machine, a dense GPT-2 forward+backward
+    was not slower for it (0.98x). Not done when OMP_WAIT_POLICY or GOMP_SPINCOUNT is set: whoever set
+    them chose how OpenMP waits. Other OpenMP runtimes ignore it (one idle thread more).
+    """
+    torch.set_num_threads(2)
+    torch.empty(1 << 18).fill_(0.0)  # above ATen's grain size, so it runs as an OpenMP parallel region
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
     with _pools_lock:
         pool = _pools.get(workers)
         if pool is None:
-            pool = _pools[workers] = ThreadPoolExecutor(
-                workers, thread_name_prefix="upcycle-expert", initializer=_single_threaded
-            )
+            pool = _pools[workers] = _start_pool(workers)
         return pool
+
+
+def _start_pool(workers: int) -> ThreadPoolExecutor:
+    """A pool whose ``workers`` threads are all started and single-threaded when it is returned."""
+    # torch.set_num_threads also sets the process-wide default that threads started later pick up on their
+    # first op (ATen's lazy init); the workers' set_num_threads(1) would otherwise make every later thread
+    # (a user's data thread, a second trainer) single-threaded. Restore the default once they are set.
+    default = _default_threads()
+    ready = threading.Barrier(workers + 1)
+    pool = ThreadPoolExecutor(
+        workers,
+        thread_name_prefix="upcycle-expert",
+        initializer=_init_worker,
+        initargs=(itertools.count(), ready),
+    )
+    # The executor starts a thread per submission while none is idle; each initialiser waits on the barrier,
+    # so these submissions start all of them.
+    for _ in range(workers):
+        pool.submit(lambda: None)
+    ready.wait()
+    _set_default_threads(default)
+    return pool
+
+
+def _default_threads() -> int:
+    """The intra-op thread count a newly started thread gets (ATen's process-wide default)."""
+    out: list[int] = []
+    probe = threading.Thread(target=lambda: out.append(torch.get_num_threads()))
+    probe.start()
+    probe.join()
+    return out[0]
+
+
+def _set_default_threads(n: int) -> None:
+    # On a throwaway thread: set_num_threads also sets the calling thread's own count.
+    setter = threading.Thread(target=torch.set_num_threads, args=(n,))
+    setter.start()
+    setter.join()
 
 
 def _forget_pools_in_child() -> None:
