@@ -152,7 +152,8 @@ def _start_pool(workers: int) -> ThreadPoolExecutor:
     # first op (ATen's lazy init); the workers' set_num_threads(1) would otherwise make every later thread
     # (a user's data thread, a second trainer) single-threaded. Restore the default once they are set.
     default = _default_threads()
-    ready = threading.Barrier(workers + 1)
+    # A timeout turns a worker that never starts (a thread limit) into an error instead of a hang.
+    ready = threading.Barrier(workers + 1, timeout=120)
     pool = ThreadPoolExecutor(
         workers,
         thread_name_prefix="upcycle-expert",
