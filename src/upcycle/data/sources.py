@@ -11,6 +11,7 @@ was consumed"; datasets may still scan a compressed shard up to the position, bu
 from __future__ import annotations
 
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,13 +97,39 @@ def resolve_source(
     return SourceSpec(name, None, split, text_field, builders.pop(), tuple(str(p) for p in files))
 
 
+#: One ``load_dataset`` at a time in this process: the training data thread and the main thread (the
+#: evaluation stream) open sources concurrently, and datasets is not thread-safe there (see below).
+_open_lock = threading.Lock()
+
+
+def _keep_tqdm_lock() -> None:
+    """Create tqdm's class-level lock once, for good.
+
+    ``load_dataset`` resolves data files with ``tqdm.contrib.concurrent.thread_map``, whose
+    ``ensure_lock`` deletes ``tqdm._lock`` on exit when it had to create it. A progress bar in another
+    thread then fails with "type object 'tqdm' has no attribute '_lock'" (seen when a rank opened its
+    evaluation stream while its data thread opened the training stream). With the lock in place before
+    any ``thread_map``, ``ensure_lock`` finds it and restores rather than deletes it.
+    """
+    from tqdm import tqdm
+
+    tqdm.get_lock()
+
+
 def open_stream(spec: SourceSpec, file_order: list[str] | None = None, attempts: int = 4):
     """A streaming ``datasets.IterableDataset`` of the source (local files in ``file_order``).
 
     Several processes (ranks of one run, or runs sharing a cache) open the same source at once, and
     datasets coordinates them through lock files in its cache, a step known to race (huggingface/datasets
-    #543, #2187): file-system errors are retried a few times with a short random back-off.
+    #543, #2187): file-system errors are retried a few times with a short random back-off. Within one
+    process, calls are serialised and tqdm's lock is kept (:func:`_keep_tqdm_lock`).
     """
+    _keep_tqdm_lock()
+    with _open_lock:
+        return _open_stream(spec, file_order, attempts)
+
+
+def _open_stream(spec: SourceSpec, file_order: list[str] | None, attempts: int):
     import random
     import time
 
