@@ -75,8 +75,8 @@ class MoEConfig:
     router_bias: bool = False
     """Bias in the router's linear layers."""
     router_mode: RouterMode = "learned"
-    """'learned'; 'frozen' at initialisation; 'random': re-drawn from router_init at every forward call
-    (Fan et al. 2024, Table 3); 'fixed': expert chosen by an external per-sequence label (language-guided
+    """'learned'; 'frozen' at initialisation; 'random': fresh weights drawn from router_init for every
+    forward call, the stored ones left as initialised (Fan et al. 2024, Table 3); 'fixed': expert chosen by an external per-sequence label (language-guided
     routing; needs top_k=1 and sequence labels). Frozen and random routers hold their weights as buffers
     (same state-dict keys), so no load path or optimiser can train them."""
     router_init: str = "normal:0.02"

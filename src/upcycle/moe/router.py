@@ -88,8 +88,10 @@ def score_sequence(summed_UE: torch.Tensor, config: MoEConfig):
     if config.top_k == 1:
         return score(summed_UE, 1, config.score_order, config.renormalize)
     probs_UE = torch.softmax(summed_UE, dim=-1)
-    top_probs_UK, ids_UK = torch.topk(probs_UE, config.top_k, dim=-1)
-    return probs_UE, torch.softmax(top_probs_UK, dim=-1), ids_UK
+    # The top k of p are the top k of h (softmax is monotonic); choosing on h keeps the order where the
+    # float32 softmax of a long sum rounds the runners-up to the same 0.
+    ids_UK = torch.topk(summed_UE, config.top_k, dim=-1).indices
+    return probs_UE, torch.softmax(probs_UE.gather(-1, ids_UK), dim=-1), ids_UK
 
 
 class _RouterTensors(nn.Module):
@@ -114,15 +116,13 @@ class _RouterTensors(nn.Module):
 
 
 class RouterLinear(_RouterTensors):
-    """The hidden layer (H×D) of a 2-layer MLP router: ``weight`` and optional ``bias``."""
+    """The hidden layer (H×D) of a 2-layer MLP router: ``weight`` and optional ``bias`` (applied by
+    :meth:`Router.forward`, which may substitute a random draw for the weight)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, trainable: bool):
         super().__init__(trainable)
         self._add("weight", torch.empty(out_features, in_features))
         self._add("bias", torch.zeros(out_features) if bias else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.float(), _float(self.bias))
 
 
 class Router(_RouterTensors):
@@ -163,27 +163,30 @@ class Router(_RouterTensors):
             nn.init.zeros_(self.noise_weight)
 
     @torch.no_grad()
-    def redraw(self) -> None:
-        """Fresh router weights from the configured init (``router_mode='random'``).
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Fresh (weight, hidden weight) from the configured init, for ``router_mode='random'``.
 
-        New tensors are bound in place of the old ones rather than filled in place: a graph that saved
-        the previous draw (a forward whose backward has not run yet, or a checkpointed block) keeps it.
-        Under activation checkpointing the recompute restores the RNG state, so it redraws the same
-        weights the forward used.
+        The draw is used for one call only and the stored weights are left as initialised, so a checkpoint
+        does not change by running a forward. Under activation checkpointing the recompute restores the
+        RNG state, so it draws the weights the forward used.
         """
         spec = self.config.router_init_spec
-        for module in (self, self.hidden):
-            if module is not None:
-                fresh = torch.empty_like(module.weight)
-                init_router_weight(fresh, spec)
-                module.weight = fresh
+        weight = torch.empty_like(self.weight)
+        init_router_weight(weight, spec)
+        hidden = None
+        if self.hidden is not None:
+            hidden = torch.empty_like(self.hidden.weight)
+            init_router_weight(hidden, spec)
+        return weight, hidden
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         """float32 logits (T, E). Jitter and noise are applied here, in training only."""
         cfg = self.config
+        weight = self.weight
+        hidden = self.hidden.weight if self.hidden is not None else None
         if cfg.router_mode == "random":
             # Fan et al. (2024) "Random" routing: fresh router weights at every call.
-            self.redraw()
+            weight, hidden = self.draw()
         x = x_TD.float()
         if self.training and cfg.router_jitter > 0:
             # Multiplicative jitter on the router input only: the experts still see the clean x
@@ -191,8 +194,8 @@ class Router(_RouterTensors):
             x = x * torch.empty_like(x).uniform_(1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter)
         h = x
         if self.hidden is not None:
-            h = F.relu(self.hidden(h))
-        logits = F.linear(h, self.weight.float(), _float(self.bias))
+            h = F.relu(F.linear(h, hidden.float(), _float(self.hidden.bias)))
+        logits = F.linear(h, weight.float(), _float(self.bias))
         if self.noise_weight is not None and self.training:
             noise_std = F.softplus(F.linear(x, self.noise_weight.float()))
             logits = logits + torch.randn_like(logits) * noise_std
