@@ -197,13 +197,16 @@ class MoEModelMixin:
         # routing for global routing), so every routing option works with gradient checkpointing.
         if enable:
             reentrant = getattr(gradient_checkpointing_func, "keywords", {}).get("use_reentrant")
-            if reentrant and any(m.config.global_routing for m in self.moe_layers().values()):
+            if reentrant and any(m.router is not None for m in self.moe_layers().values()):
+                # The auxiliary losses (and, with global routing, the leader's routing) leave a block
+                # outside its outputs; a reentrant checkpoint runs the block without autograd, so they
+                # would silently carry no gradient.
                 raise ConfigError(
                     "gradient_checkpointing_kwargs.use_reentrant",
                     True,
-                    "global routing needs use_reentrant=False (the default): a reentrant checkpoint runs the "
-                    "first MoE layer without autograd, so the routing the later layers reuse would carry no "
-                    "gradient to its router",
+                    "MoE layers with a router need use_reentrant=False (the default): a reentrant checkpoint "
+                    "runs each block without autograd, so the auxiliary losses and global routing would give "
+                    "the routers no gradient",
                 )
             gradient_checkpointing_func = self.moe_context.checkpoint_function(gradient_checkpointing_func)
         return super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
