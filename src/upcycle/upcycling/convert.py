@@ -261,15 +261,17 @@ def function_preservation(dense: PreTrainedModel, moe_model: PreTrainedModel, op
     """max |Δlogits| and mean KL(dense ‖ MoE) per token on the probe batch, both models in eval mode."""
     length = min(opts.probe_length, getattr(dense.config, "max_position_embeddings", opts.probe_length))
     ids = probe_batch(dense.config.vocab_size, opts.probe_batch, length)
+    m = moe_config_of(moe_model.config)
     max_diff, kl_sum = 0.0, 0.0
     # One sequence at a time: full-vocabulary logits of a whole batch would dominate peak memory.
-    for row in ids.split(1):
+    for i, row in enumerate(ids.split(1)):
+        # Fixed routing takes its expert from a per-sequence label: the probe rows take turns.
+        extra = {"sequence_labels": torch.tensor([i % m.num_experts])} if m.router_mode == "fixed" else {}
         d = dense.eval()(input_ids=row).logits.float()
-        m = moe_model.eval()(input_ids=row).logits.float()
-        max_diff = max(max_diff, float((d - m).abs().max()))
-        kl = F.kl_div(F.log_softmax(m, -1), F.log_softmax(d, -1), log_target=True, reduction="none").sum(-1)
+        out = moe_model.eval()(input_ids=row, **extra).logits.float()
+        max_diff = max(max_diff, float((d - out).abs().max()))
+        kl = F.kl_div(F.log_softmax(out, -1), F.log_softmax(d, -1), log_target=True, reduction="none").sum(-1)
         kl_sum += float(kl.sum())
-    m = moe_config_of(moe_model.config)
     scaled = bool((moe_model.config.upcycling or {}).get("options", {}).get("weight_scaling"))
     return {
         "max_abs_logit_diff": max_diff,
