@@ -116,6 +116,16 @@ def test_inspect_gives_the_load_balancing_weight_in_other_conventions(sources, t
     assert "0.005 per layer, summed (Switch, Megatron-LM)" in text and "router_aux_loss_coef 0.01" in text
 
 
+def test_inspect_names_sequence_scoring_and_warns_of_the_future(sources, tmp_path, capsys):
+    out = tmp_path / "moe"
+    main(["convert", "--model", sources["gpt2"], "--method", "naive", "--routing-unit", "sequence",
+          "--out", str(out), "--quiet"])  # fmt: skip
+    assert "depend on later tokens" in capsys.readouterr().out  # convert warns
+    main(["inspect", str(out)])
+    text = capsys.readouterr().out
+    assert "Fan et al. eq. 2" in text and "depend on later tokens" in text
+
+
 def test_flops_follow_drop_upcycling_table_3():
     from transformers import LlamaConfig
 

@@ -83,6 +83,8 @@ def render(info: dict) -> str:
         score = moe["score_order"]
         if score == "softmax_topk":
             score += " (renormalised)" if moe["renormalize"] else " (raw probabilities, Switch-style)"
+        if moe["routing_unit"] != "token" and moe["top_k"] > 1 and moe["router_mode"] != "fixed":
+            score = "Fan et al. eq. 2 (summed logits, softmax, top-k, softmax of the chosen probabilities)"
         lines += [
             f"MoE layers: {n} of {info['num_layers']}: {', '.join(map(str, moe['layers']))}",
             f"experts: {moe['num_experts']} × {moe['expert_type']} (d_ff {moe['intermediate_size']}, "
