@@ -171,12 +171,8 @@ class Router(_RouterTensors):
         RNG state, so it draws the weights the forward used.
         """
         spec = self.config.router_init_spec
-        weight = torch.empty_like(self.weight)
-        init_router_weight(weight, spec)
-        hidden = None
-        if self.hidden is not None:
-            hidden = torch.empty_like(self.hidden.weight)
-            init_router_weight(hidden, spec)
+        weight = _sample(self.weight, spec)  # output layer first, then the hidden layer
+        hidden = _sample(self.hidden.weight, spec) if self.hidden is not None else None
         return weight, hidden
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
@@ -200,6 +196,18 @@ class Router(_RouterTensors):
             noise_std = F.softplus(F.linear(x, self.noise_weight.float()))
             logits = logits + torch.randn_like(logits) * noise_std
         return logits
+
+
+def _sample(like: torch.Tensor, spec: tuple[str, float]) -> torch.Tensor:
+    """A fresh tensor shaped like ``like`` from the init ``spec``, drawn with tensor methods rather than
+    ``torch.nn.init`` (which Hugging Face's ``no_init_weights`` turns into no-ops); same RNG stream."""
+    kind, scale = spec
+    out = torch.empty_like(like)
+    if kind == "normal":
+        return out.normal_(0.0, scale)
+    if kind == "uniform":
+        return out.uniform_(-scale, scale)
+    return out.zero_()
 
 
 def _float(t: torch.Tensor | None) -> torch.Tensor | None:
