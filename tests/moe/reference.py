@@ -48,22 +48,11 @@ def reference_forward(
                 slots[t] = [int(sequence_labels[b])]
     else:
         leader = routing_from or moe
-        logits = reference_logits(leader, x_TD)
-        if cfg.routing_unit == "sequence":
-            units = [(logits.view(B, S, E)[b] * mask[b].view(S, 1)).sum(0) for b in range(B)]
-            owners = [list(range(b * S, (b + 1) * S)) for b in range(B)]
-        else:
-            units = list(logits)
-            owners = [[t] for t in range(T)]
+        logits = reference_logits(leader, x_TD).view(B, S, E)
+        units, owners = _routing_units(cfg.routing_unit, logits, mask)
         for unit_logits, tokens in zip(units, owners):
             order = sorted(range(E), key=lambda e: -float(unit_logits[e].detach()))[:K]
-            if cfg.score_order == "softmax_topk":
-                p = torch.softmax(unit_logits, -1)
-                w = torch.stack([p[e] for e in order])
-                if cfg.renormalize:
-                    w = w / w.sum()
-            else:
-                w = torch.softmax(torch.stack([unit_logits[e] for e in order]), -1)
+            w = _weights(cfg, unit_logits, order)
             for t in tokens:
                 slots[t] = order
                 for e, we in zip(order, w):
@@ -90,3 +79,47 @@ def reference_forward(
             s = torch.sigmoid(moe.shared_expert_gate(x_TD)) * s
         out = out + s
     return out.view(B, S, D)
+
+
+def _routing_units(unit: str, logits_BSE: torch.Tensor, mask_BS: torch.Tensor):
+    """(logits of each routing unit, the token indices it routes). Sequence units sum the gate logits of
+    the non-padding tokens: of the whole sequence, or of the tokens up to and including t (prefix)."""
+    B, S, E = logits_BSE.shape
+    units, owners = [], []
+    for b in range(B):
+        for t in range(S):
+            if unit == "token":
+                units.append(logits_BSE[b, t])
+                owners.append([b * S + t])
+            elif unit == "sequence_prefix":
+                total = torch.zeros(E)
+                for s in range(t + 1):
+                    if mask_BS[b, s] > 0:
+                        total = total + logits_BSE[b, s]
+                units.append(total)
+                owners.append([b * S + t])
+        if unit == "sequence":
+            total = torch.zeros(E)
+            for s in range(S):
+                if mask_BS[b, s] > 0:
+                    total = total + logits_BSE[b, s]
+            units.append(total)
+            owners.append([b * S + t for t in range(S)])
+    return units, owners
+
+
+def _weights(cfg, unit_logits: torch.Tensor, order: list[int]) -> list[torch.Tensor]:
+    """Combine weights of the chosen experts ``order`` (best first)."""
+    p = torch.softmax(unit_logits, -1)
+    if cfg.routing_unit != "token" and len(order) > 1:
+        # Fan et al. (2024), App. A, eq. 2: w_i = exp(p_i) / sum_{j in top-k} exp(p_j).
+        denominator = sum(torch.exp(p[j]) for j in order)
+        return [torch.exp(p[i]) / denominator for i in order]
+    if cfg.score_order == "softmax_topk":
+        w = [p[e] for e in order]
+        if cfg.renormalize:
+            total = sum(w)
+            w = [we / total for we in w]
+        return w
+    top = torch.stack([unit_logits[e] for e in order])
+    return list(torch.softmax(top, -1))

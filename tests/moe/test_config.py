@@ -20,7 +20,7 @@ BASE = dict(hidden_size=8, intermediate_size=16)
         (dict(expert_type="swiglu"), "expert_type", "'mlp', 'glu'"),
         (dict(router_type="conv"), "router_type", "'linear', 'mlp'"),
         (dict(router_mode="hash"), "router_mode", "'learned', 'frozen', 'random', 'fixed'"),
-        (dict(routing_unit="doc"), "routing_unit", "'token', 'sequence'"),
+        (dict(routing_unit="doc"), "routing_unit", "'token', 'sequence', 'sequence_prefix'"),
         (dict(activation="tanh"), "activation", "gelu_new"),
         (dict(router_init="normal"), "router_init", "normal:STD"),
         (dict(router_init="uniform:-1"), "router_init", "positive"),
@@ -65,3 +65,21 @@ def test_router_init_spec_is_applied():
     assert float(moe.router.weight.detach().abs().max()) <= 0.1
     moe = MoE(MoEConfig(**BASE, num_experts=4, router_init="zeros"))
     assert float(moe.router.weight.detach().abs().max()) == 0.0
+
+
+@pytest.mark.parametrize(
+    "kw,sums_to_one,lm_gradient",
+    [
+        (dict(top_k=1), True, False),  # renormalised top-1: weight ≡ 1
+        (dict(top_k=1, score_order="topk_softmax"), True, False),
+        (dict(top_k=1, renormalize=False), False, True),  # Switch
+        (dict(top_k=2, renormalize=False), False, True),
+        (dict(top_k=2, renormalize=False, routing_unit="sequence"), True, True),  # Fan et al. eq. 2
+        (dict(top_k=1, renormalize=False, routing_unit="sequence_prefix"), False, True),  # eq. 1
+        (dict(top_k=1, router_mode="fixed"), True, False),
+    ],
+)
+def test_combine_weight_properties(kw, sums_to_one, lm_gradient):
+    cfg = MoEConfig(**BASE, num_experts=4, **kw)
+    assert cfg.weights_sum_to_one is sums_to_one
+    assert cfg.router_learns_from_lm_loss is lm_gradient

@@ -134,3 +134,38 @@ def test_balance_figure_extremes():
 def test_stats_are_not_saved_with_the_weights():
     moe = MoE(MoEConfig(hidden_size=8, intermediate_size=16, num_experts=4))
     assert not any("stats" in k for k in moe.state_dict())
+
+
+def test_equivalent_aux_loss_weights_give_the_same_total():
+    from upcycle.moe.losses import equivalent_aux_loss_weights
+
+    torch.manual_seed(0)
+    L, K, w = 3, 2, 0.01
+    probs = [torch.softmax(torch.randn(20, 4) * 2, -1) for _ in range(L)]
+    ids = [p.topk(K, -1).indices for p in probs]
+    ours = w * torch.stack([load_balancing_loss(p, i) for p, i in zip(probs, ids)]).mean()
+    eq = equivalent_aux_loss_weights(w, L, K)
+    # Switch / Megatron-LM: α · loss added per layer.
+    per_layer = eq["per_layer_sum"] * sum(load_balancing_loss(p, i) for p, i in zip(probs, ids))
+    torch.testing.assert_close(per_layer, ours)
+
+    # Hugging Face's per-layer value (f per token sums to k) is k times ours.
+    def hf_value(p, i):
+        f = torch.zeros_like(p).scatter(1, i, 1.0).mean(0)
+        return p.shape[-1] * (f * p.mean(0)).sum()
+
+    hf = eq["hugging_face"] * torch.stack([hf_value(p, i) for p, i in zip(probs, ids)]).mean()
+    torch.testing.assert_close(hf, ours)
+
+
+@pytest.mark.parametrize("unit", ["sequence", "sequence_prefix"])
+def test_sequence_unit_losses_ignore_padding(unit):
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(hidden_size=8, intermediate_size=16, num_experts=4, top_k=2, routing_unit=unit))
+    x = torch.randn(1, 5, 8)
+    moe(x)
+    clean = {k: v.detach().clone() for k, v in moe.aux_losses.items()}
+    padded = torch.cat([x, torch.randn(1, 3, 8) * 10], dim=1)
+    moe(padded, attention_mask=torch.tensor([[1] * 5 + [0] * 3]))
+    for k, v in clean.items():
+        torch.testing.assert_close(moe.aux_losses[k], v, msg=k)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -25,11 +26,15 @@ def make(seed: int = 0, **kw) -> MoE:
     return moe
 
 
-def check_against_reference(moe: MoE, B=3, S=7, mask=None, labels=None, atol=1e-5):
+def check_against_reference(moe: MoE, B=3, S=7, mask=None, labels=None, atol=1e-5, x=None):
     torch.manual_seed(1)
-    x = torch.randn(B, S, D, requires_grad=True)
+    x = (torch.randn(B, S, D) if x is None else x).requires_grad_(True)
     x_ref = x.detach().clone().requires_grad_(True)
     grad = torch.randn(B, S, D)
+    if mask is not None:
+        # What a layer outputs at padding positions is unspecified (a prefix sum before the first real
+        # token is zero, a tie); real tokens' outputs and every gradient through them are compared.
+        grad = grad * mask.unsqueeze(-1)
 
     y = moe(x, attention_mask=mask, sequence_labels=labels)
     (y * grad).sum().backward()
@@ -39,7 +44,8 @@ def check_against_reference(moe: MoE, B=3, S=7, mask=None, labels=None, atol=1e-
 
     y_ref = reference_forward(moe, x_ref, mask, labels)
     (y_ref * grad).sum().backward()
-    torch.testing.assert_close(y, y_ref, atol=atol, rtol=1e-5)
+    real = 1.0 if mask is None else mask.unsqueeze(-1)
+    torch.testing.assert_close(y * real, y_ref * real, atol=atol, rtol=1e-5)
     torch.testing.assert_close(got_x, x_ref.grad, atol=atol, rtol=1e-5)
     for n, p in moe.named_parameters():
         if p.grad is None:
@@ -65,6 +71,9 @@ VARIANTS = [
     ),
     dict(top_k=1, routing_unit="sequence", renormalize=False),
     dict(top_k=2, routing_unit="sequence"),
+    dict(top_k=3, routing_unit="sequence", score_order="topk_softmax"),
+    dict(top_k=1, routing_unit="sequence_prefix", renormalize=False),
+    dict(top_k=2, routing_unit="sequence_prefix", renormalize=False),
     dict(top_k=1, capacity_factor=1.0, renormalize=False),
     dict(top_k=2, capacity_factor=0.5),
     dict(top_k=4),
@@ -76,33 +85,58 @@ def test_variant_matches_dense_reference(kw):
     check_against_reference(make(**kw))
 
 
-@pytest.mark.parametrize("unit", ["token", "sequence"])
+@pytest.mark.parametrize("unit", ["token", "sequence", "sequence_prefix"])
 def test_padding_mask_matches_reference(unit):
-    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])
+    # Right padding, and left padding in the last row (a prefix sum must start at the first real token).
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [0] * 3 + [1] * 4])
     check_against_reference(make(top_k=2, routing_unit=unit), mask=mask)
 
 
-def test_frozen_router_matches_reference_and_gets_no_gradient():
-    moe = make(top_k=2, router_mode="frozen")
-    before = moe.router.weight.detach().clone()
-    check_against_reference(moe)
-    assert not moe.router.weight.requires_grad and moe.router.weight.grad is None
-    opt = torch.optim.SGD([p for p in moe.parameters() if p.requires_grad], lr=1.0)
+@pytest.mark.parametrize("router_type", ["linear", "mlp"])
+def test_frozen_router_holds_buffers_that_no_optimizer_can_train(router_type):
+    moe = make(top_k=2, router_mode="frozen", router_type=router_type, router_bias=True, noisy_gating=True)
+    before = {k: v.clone() for k, v in moe.router.state_dict().items()}
+    # Same state-dict keys as a learned router (checkpoints load either way), but no parameters.
+    learned = make(top_k=2, router_type=router_type, router_bias=True, noisy_gating=True)
+    assert before.keys() == learned.router.state_dict().keys()
+    assert list(moe.router.parameters()) == []
+    check_against_reference(moe.eval())  # eval: no gating noise, so the reference applies
+    moe.train()
+    # Even an optimiser over everything, with requires_grad switched on as from_pretrained does for
+    # parameters, leaves the router unchanged.
+    moe.requires_grad_(True)
+    opt = torch.optim.SGD(moe.parameters(), lr=1.0)
     moe(torch.randn(2, 5, D)).sum().backward()
     opt.step()
-    torch.testing.assert_close(moe.router.weight, before, rtol=0, atol=0)
+    for k, v in moe.router.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
-def test_random_router_is_redrawn_every_call_and_gets_no_gradient():
-    moe = make(top_k=1, router_mode="random", router_init="normal:0.02")
+@pytest.mark.parametrize("router_type", ["linear", "mlp"])
+def test_random_router_draws_fresh_weights_every_call_from_the_init(router_type):
+    from upcycle.moe.router import init_router_weight
+
+    moe = make(top_k=1, router_mode="random", router_init="normal:0.02", router_type=router_type)
+    stored = {k: v.clone() for k, v in moe.router.state_dict().items()}
     x = torch.randn(2, 5, D)
-    moe(x)
-    w1 = moe.router.weight.detach().clone()
+    torch.manual_seed(7)
     moe(x).sum().backward()
-    w2 = moe.router.weight.detach().clone()
-    assert not torch.equal(w1, w2)
-    assert moe.router.weight.grad is None
-    assert abs(float(w2.std()) - 0.02) < 0.01  # drawn from the configured init
+    first = moe.last_routing.logits_UE
+    # The draw is what the configured init gives from the same RNG state: output layer, then hidden.
+    torch.manual_seed(7)
+    w = torch.empty(E, moe.router.weight.shape[1])
+    init_router_weight(w, ("normal", 0.02))
+    h = x.view(-1, D)
+    if router_type == "mlp":
+        hw = torch.empty_like(moe.router.hidden.weight)
+        init_router_weight(hw, ("normal", 0.02))
+        h = torch.relu(h @ hw.t())
+    torch.testing.assert_close(first, h @ w.t())
+    moe(x)
+    assert not torch.equal(moe.last_routing.logits_UE, first)  # redrawn
+    assert list(moe.router.parameters()) == []
+    # The stored weights are never changed by a forward: a checkpoint stays what was converted.
+    assert all(torch.equal(v, stored[k]) for k, v in moe.router.state_dict().items())
 
 
 def test_fixed_routing_follows_sequence_labels():
@@ -180,8 +214,13 @@ def test_jitter_touches_router_input_only_and_is_off_in_eval():
         e = int(r.ids_TK[t, 0])
         out[t] = r.weights_TK[t, 0] * moe.experts[e](x.view(-1, D)[t])
     torch.testing.assert_close(y.view(-1, D), out, atol=1e-5, rtol=1e-5)
-    # Jitter is multiplicative U(1-ε, 1+ε): logits stay within the range that bounds allow.
-    assert torch.isfinite(logits).all()
+    # Jitter is multiplicative U(1-ε, 1+ε) per input entry, so each logit moves by at most
+    # ε · Σ_d |W_ed x_d| from its clean value, and by a visible fraction of that bound.
+    clean = reference_logits(moe, x.view(-1, D))
+    bound = 0.5 * (x.view(-1, 1, D).abs() * moe.router.weight.detach().abs()).sum(-1)
+    moved = (logits - clean).abs()
+    assert (moved <= bound + 1e-5).all()
+    assert float((moved / bound).max()) > 0.1
 
 
 def test_noisy_gating_trains_noise_weights_and_is_off_in_eval():
@@ -265,3 +304,73 @@ def test_combine_weights_sum_as_configured(k, unit):
     moe = make(top_k=k, routing_unit=unit)
     moe(torch.randn(2, 5, D))
     torch.testing.assert_close(moe.last_routing.weights_TK.sum(-1), torch.ones(10))
+
+
+# ----------------------------------------------------------------------------- sequence units (Fan et al.)
+
+
+def hidden_states(B: int, S: int, seed: int = 5) -> torch.Tensor:
+    """Hidden states with a component shared by the sequence's tokens (as real ones have), so that summed
+    logits grow with length and sequences agree on their experts (an imbalance for the loss to see)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, S, D, generator=g) + torch.randn(1, 1, D, generator=g)
+
+
+def test_sequence_routing_is_fan_et_al_eq2_on_long_sequences():
+    """256-token sequences, top-2: one softmax of the summed logits is one-hot ([1, 1e-9]); Fan et al.'s
+    second softmax over the chosen probabilities keeps the weights within [1/(1+e), e/(1+e)]."""
+    moe = make(top_k=2, routing_unit="sequence")
+    B, S = 3, 256
+    check_against_reference(moe, B=B, S=S, atol=2e-5, x=hidden_states(B, S))
+    r = moe.last_routing
+    summed = r.logits_UE
+    single = torch.softmax(summed, -1).topk(2, -1).values
+    assert float(single[:, 1].max()) < 1e-6  # the input tells the two formulas apart
+    w = r.weights_TK.view(B, S, 2)[:, 0]
+    low, high = 1 / (1 + math.e), math.e / (1 + math.e)
+    assert float(w.min()) >= low - 1e-6 and float(w.max()) <= high + 1e-6
+    assert float(w[:, 1].min()) > 0.25
+    # Top-1 follows eq. 1 (Switch): the configured score of the summed logits.
+    one = make(top_k=1, routing_unit="sequence", renormalize=False)
+    one(torch.randn(2, 9, D))
+    torch.testing.assert_close(
+        one.last_routing.weights_TK.view(2, 9)[:, 0],
+        torch.softmax(one.last_routing.logits_UE, -1).max(-1).values,
+    )
+
+
+def test_sequence_losses_stay_bounded_and_keep_a_gradient_on_long_sequences():
+    moe = make(top_k=2, routing_unit="sequence")
+    token = make(top_k=2)  # same seed: the same router
+    x = hidden_states(4, 256)
+    moe(x)
+    token(x)
+    # z-loss on the per-token logits: equal to the token-level z-loss over the same tokens, not the
+    # square of a logsumexp of 256-token sums.
+    torch.testing.assert_close(moe.aux_losses["z"], token.aux_losses["z"])
+    assert float(moe.aux_losses["z"]) < 100
+    # The load-balancing loss averages softmax(mean logits): its gradient does not vanish with length.
+    moe.aux_losses["load_balancing"].backward()
+    assert float(moe.router.weight.grad.norm()) > 1e-3
+
+
+def test_sequence_prefix_is_causal_and_sequence_leaks_the_future():
+    x = torch.randn(2, 12, D)
+    x2 = x.clone()
+    x2[:, -1] = torch.randn(2, D) * 5  # change only the last token
+    for unit, leaks in (("sequence_prefix", False), ("sequence", True)):
+        moe = make(top_k=2, routing_unit=unit)
+        with torch.no_grad():
+            y, y2 = moe(x), moe(x2)
+        earlier_moved = not torch.allclose(y[:, :-1], y2[:, :-1], atol=1e-6, rtol=0)
+        assert earlier_moved == leaks, unit
+
+
+def test_sequence_prefix_routes_each_token_on_the_sum_up_to_it():
+    moe = make(top_k=2, routing_unit="sequence_prefix")
+    x = torch.randn(1, 6, D)
+    moe(x)
+    logits = reference_logits(moe, x.view(-1, D))
+    torch.testing.assert_close(moe.last_routing.logits_UE, logits.cumsum(0))
+    # The first token is routed on its own logits, so its choice equals token routing's.
+    assert torch.equal(moe.last_routing.ids_TK[0].sort().values, logits[0].topk(2).indices.sort().values)

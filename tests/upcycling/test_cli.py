@@ -94,6 +94,36 @@ def test_inspect_reports_layout_parameters_and_flops(sources, tmp_path, capsys):
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "MoE layers: 2 of 4" in text and "active" in text
+    # Top-1 renormalised (the default): the router learns from the auxiliary losses only; said so.
+    assert "no gradient from the LM loss" in text
+
+
+def test_inspect_gives_the_load_balancing_weight_in_other_conventions(sources, tmp_path, capsys):
+    out = tmp_path / "moe"
+    main(["convert", "--model", sources["llama"], "--experts", "4", "--top-k", "2", "--aux-loss-weight", "0.02",
+          "--out", str(out), "--quiet"])  # fmt: skip
+    capsys.readouterr()
+    main(["inspect", str(out), "--json"])
+    conv = json.loads(capsys.readouterr().out)["aux_loss_conventions"]
+    # 4 MoE layers, mean over layers: 0.02 here = 0.005 per layer summed = 0.01 as HF's coef (k = 2).
+    assert conv == {
+        "routed_layers": 4,
+        "per_layer_sum": pytest.approx(0.005),
+        "hugging_face": pytest.approx(0.01),
+    }
+    main(["inspect", str(out)])
+    text = capsys.readouterr().out
+    assert "0.005 per layer, summed (Switch, Megatron-LM)" in text and "router_aux_loss_coef 0.01" in text
+
+
+def test_inspect_names_sequence_scoring_and_warns_of_the_future(sources, tmp_path, capsys):
+    out = tmp_path / "moe"
+    main(["convert", "--model", sources["gpt2"], "--method", "naive", "--routing-unit", "sequence",
+          "--out", str(out), "--quiet"])  # fmt: skip
+    assert "depend on later tokens" in capsys.readouterr().out  # convert warns
+    main(["inspect", str(out)])
+    text = capsys.readouterr().out
+    assert "Fan et al. eq. 2" in text and "depend on later tokens" in text
 
 
 def test_flops_follow_drop_upcycling_table_3():

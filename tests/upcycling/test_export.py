@@ -27,6 +27,10 @@ CASES = {
     "llama_qwen_list_shared": (
         "llama", dict(method="drop", layers="0,3", shared_experts=1, moe={"shared_expert_gate": True}), "qwen2_moe"
     ),
+    # A frozen router's buffers export as Mixtral's ordinary gate weight (listed as a dropped setting).
+    "llama_mixtral_frozen_router": (
+        "llama", dict(method="drop", top_k=2, layers="all", moe={"router_mode": "frozen"}), "mixtral"
+    ),
     "qwen2_qwen_two_shared": (
         "qwen2", dict(method="drop", layers="all", shared_experts=2, moe={"shared_expert_gate": True}), "qwen2_moe"
     ),
@@ -92,6 +96,8 @@ def test_interleaving_maps_onto_qwen2_moe_sparse_step_or_layer_list(exported):
         ("llama", dict(method="naive", shared_experts=1), "qwen2_moe", ["shared_expert_gate"]),
         ("llama", dict(method="naive", moe={"routing_unit": "sequence", "capacity_factor": 1.0}), "mixtral",
          ["routing_unit=sequence", "capacity_factor=1.0"]),
+        ("llama", dict(method="naive", moe={"routing_unit": "sequence_prefix"}), "mixtral",
+         ["routing_unit=sequence_prefix"]),
     ],
 )  # fmt: skip
 def test_unexpressible_models_name_every_setting(sources, tmp_path, src, kw, fmt, messages):
@@ -102,3 +108,14 @@ def test_unexpressible_models_name_every_setting(sources, tmp_path, src, kw, fmt
     for m in messages:
         assert m in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_frozen_router_is_listed_as_dropped(exported):
+    from upcycle.models.export import dropped_training_settings
+
+    _, _, paths = exported
+    model = AutoModelForCausalLM.from_pretrained(
+        Path(paths["llama_mixtral_frozen_router"]).parent / "llama_mixtral_frozen_router-moe"
+    )
+    assert list(model.moe_layers()[0].router.parameters()) == []
+    assert any("router_mode=frozen" in note for note in dropped_training_settings(model))

@@ -55,6 +55,49 @@ def test_switch_style_top1_does_not_preserve_and_says_so():
     )
 
 
+def test_top1_with_weights_that_sum_to_one_says_the_router_gets_no_lm_gradient():
+    dense = tiny_gpt2()
+    line = up(dense, method="naive", top_k=1, renormalize=True).report_line()
+    assert "no gradient from the LM loss" in line and "\n" not in line
+    both = up(dense, method="naive", top_k=1, renormalize=False).report_line()
+    assert "Switch-style" in both and "no gradient" not in both
+    assert "no gradient" not in up(dense, method="naive", top_k=2).report_line()
+    # A frozen router learns nothing anyway: no note.
+    assert (
+        "no gradient" not in up(dense, method="naive", top_k=1, moe={"router_mode": "frozen"}).report_line()
+    )
+
+
+def test_sequence_routing_warns_that_it_sees_the_future():
+    dense = tiny_gpt2()
+    result = up(dense, method="naive", top_k=2, moe={"routing_unit": "sequence"})
+    assert "depend on later tokens" in result.report_line() and "sequence_prefix" in result.report_line()
+    assert result.model.config.upcycling["function_preservation"]["routing_sees_future_tokens"] is True
+    prefix = up(dense, method="naive", top_k=2, moe={"routing_unit": "sequence_prefix"})
+    assert "later tokens" not in prefix.report_line()
+    # Fan et al.'s second softmax sums to one: naive upcycling with sequence units preserves the function.
+    assert prefix.function_preservation["max_abs_logit_diff"] < 2e-5
+
+
+@pytest.mark.parametrize("name", ["drop-upcycling", "drop-upcycling-noise"])
+def test_drop_upcycling_presets_use_the_papers_router_init(name):
+    from upcycle.upcycling.convert import options_from
+
+    opts = options_from(name, model=["in-memory"])
+    assert opts.router_init == "uniform:0.0346"
+    result = upcycle_model(opts, sources=[Source("in-memory", tiny_llama().eval(), None)], progress=False)
+    w = torch.cat([m.router.weight.detach().flatten() for m in result.model.moe_layers().values()])
+    assert float(w.abs().max()) <= 0.0346
+    assert abs(float(w.std()) - 0.02) < 0.002  # U(-a, a) has std a/√3 = 0.02
+    if name == "drop-upcycling-noise":
+        assert (opts.method, opts.noise_mode, opts.noise_std, opts.noise_fraction) == (
+            "noise",
+            "units",
+            0.02,
+            0.5,
+        )
+
+
 def test_non_mlp_weights_are_copied_unchanged():
     dense = tiny_llama()
     moe = up(dense, method="drop", ratio=0.5, layers="every_other").model
@@ -105,20 +148,57 @@ def test_drop_reinitialises_exactly_floor_r_dff_shared_units(ratio):
     )
 
 
+def heterogeneous_llama(seed: int = 0):
+    """A tiny Llama whose MLP units have very different scales and means, as trained ones do: the
+    statistics of a dropped subset then differ from those of the whole matrix."""
+    dense = tiny_llama(intermediate_size=256)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in dense.model.layers:
+            mlp = layer.mlp
+            F_ = mlp.up_proj.weight.shape[0]
+            scale = torch.exp(torch.randn(F_, generator=g) * 1.5)  # log-normal unit scales
+            shift = torch.randn(F_, generator=g) * 0.01
+            for w in (mlp.gate_proj.weight, mlp.up_proj.weight):
+                w.mul_(scale.view(-1, 1)).add_(shift.view(-1, 1))
+            mlp.down_proj.weight.mul_(scale.view(1, -1)).add_(shift.view(1, -1))
+    return dense
+
+
 def test_drop_reinitialised_values_follow_the_dropped_weights_statistics():
+    """Redrawn weights follow N(mean, std) of the dropped weights of each matrix (gate, up and down), not
+    of the whole matrix; unit scales differ, so the two are told apart."""
+    dense = heterogeneous_llama()
+    result = up(dense, method="drop", ratio=0.5, layers="all", experts=4, top_k=1, index_sharing="matrix")
+    d = dense_mlp(dense, 1)
+    told_apart = 0
+    for e, expert in enumerate(result.model.moe_layers()[1].experts):
+        expert.requires_grad_(False)
+        sets = result.layer_info[1]["dropped"][e]
+        pairs = {
+            "gate": (expert.gate_proj.weight[sets["gate"]], d.gate[sets["gate"]], d.gate),
+            "up": (expert.up_proj.weight[sets["up"]], d.up[sets["up"]], d.up),
+            "down": (expert.down_proj.weight[:, sets["down"]], d.down[:, sets["down"]], d.down),
+        }
+        for name, (new, old, whole) in pairs.items():
+            std, mean = torch.std_mean(old.float())
+            whole_std, whole_mean = torch.std_mean(whole.float())
+            got_std, got_mean = torch.std_mean(new.float())
+            n = new.numel()
+            assert abs(float(got_mean - mean)) < 5 * float(std) / math.sqrt(n), (e, name)
+            assert abs(float(got_std / std) - 1) < 0.05, (e, name)
+            if abs(float(std / whole_std) - 1) > 0.15:
+                told_apart += 1
+                assert abs(float(got_std / whole_std) - 1) > 0.08, (e, name)
+    assert told_apart >= 3, "the test model does not tell dropped-weight statistics from whole-matrix ones"
+
+
+def test_drop_redraws_dropped_gpt2_biases():
     dense = wide_gpt2()
     result = up(dense, method="drop", ratio=0.5, layers="all", experts=2, top_k=1)
     d = dense_mlp(dense, 1)
     for e, expert in enumerate(result.model.moe_layers()[1].experts):
-        expert.requires_grad_(False)
         S = result.layer_info[1]["dropped"][e]["up"]
-        for new, old in ((expert.up_proj.weight[S], d.up[S]), (expert.down_proj.weight[:, S], d.down[:, S])):
-            std, mean = torch.std_mean(old.float())
-            got_std, got_mean = torch.std_mean(new.float())
-            n = new.numel()
-            assert abs(float((got_mean - mean).detach())) < 5 * float(std) / math.sqrt(n)
-            assert abs(float(got_std / std) - 1) < 0.05
-            assert not torch.equal(new, old)
         # Dropped c_fc biases are redrawn from the dropped biases' statistics too.
         assert not torch.equal(expert.up_proj.bias[S], d.up_bias[S])
 
@@ -180,6 +260,18 @@ def test_granular_initial_output_matches_dense(family, G):
     assert approx.function_preservation["mean_kl"] < 1e-3
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_granular_with_an_mlp_router_keeps_virtual_groups(family):
+    dense = tiny_gpt2() if family == "gpt2" else tiny_llama()
+    result = up(dense, method="granular", granularity=2, experts=8, top_k=4, moe={"router_type": "mlp"})
+    router = result.model.moe_layers()[0].router
+    assert router.hidden is not None
+    for g in range(4):
+        assert torch.equal(router.weight[2 * g], router.weight[2 * g + 1])
+    torch.testing.assert_close(logits(result.model), logits(dense), atol=5e-5, rtol=1e-5)
+    assert result.function_preservation["max_abs_logit_diff"] < 1e-4
+
+
 def test_granular_rejects_non_dividing_granularity():
     from upcycle.config import ConfigError
 
@@ -188,6 +280,28 @@ def test_granular_rejects_non_dividing_granularity():
 
 
 # ----------------------------------------------------------------------------- noise, scratch, btx
+
+
+def test_noise_units_perturbs_whole_units_per_matrix_as_the_drop_upcycling_baseline():
+    dense = tiny_llama(intermediate_size=256)
+    result = up(dense, method="noise", noise_mode="units", noise_std=0.02, noise_fraction=0.5, experts=2)
+    d = dense_mlp(dense, 0)
+    for e, expert in enumerate(result.model.moe_layers()[0].experts):
+        sets = result.layer_info[0]["perturbed_units"][e]
+        changed = {
+            "gate": changed_units(expert.gate_proj.weight, d.gate),
+            "up": changed_units(expert.up_proj.weight, d.up),
+            "down": changed_units(expert.down_proj.weight.t(), d.down.t()),
+        }
+        for name, units in changed.items():
+            assert units == set(sets[name].tolist()) and len(units) == 128, name
+        assert changed["gate"] != changed["up"] != changed["down"]  # sampled per matrix
+        # Every entry of a perturbed unit moved, by N(0, 0.02).
+        S = sets["up"]
+        diff = expert.up_proj.weight[S] - d.up[S]
+        assert bool((diff != 0).all())
+        assert abs(float(diff.std()) - 0.02) < 0.002 and abs(float(diff.mean())) < 0.002
+    assert result.model.config.upcycling["options"]["noise_mode"] == "units"
 
 
 def test_noise_perturbs_the_requested_fraction():

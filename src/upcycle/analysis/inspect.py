@@ -53,6 +53,15 @@ def inspect_checkpoint(path: str, seq_len: int | None = None) -> dict:
     if moe_layers:
         m = moe_config_of(config)
         info["moe"] = {"layers": moe_layers, **m.to_dict()}
+        if m.has_router:
+            from upcycle.moe.losses import equivalent_aux_loss_weights
+
+            # Global routing: only the first MoE layer routes, so the mean is over one layer.
+            routed = 1 if m.global_routing else len(moe_layers)
+            info["aux_loss_conventions"] = {
+                "routed_layers": routed,
+                **equivalent_aux_loss_weights(m.aux_loss_weight, routed, m.top_k),
+            }
         info["upcycling"] = getattr(config, "upcycling", None) or {}
     return info
 
@@ -74,6 +83,8 @@ def render(info: dict) -> str:
         score = moe["score_order"]
         if score == "softmax_topk":
             score += " (renormalised)" if moe["renormalize"] else " (raw probabilities, Switch-style)"
+        if moe["routing_unit"] != "token" and moe["top_k"] > 1 and moe["router_mode"] != "fixed":
+            score = "Fan et al. eq. 2 (summed logits, softmax, top-k, softmax of the chosen probabilities)"
         lines += [
             f"MoE layers: {n} of {info['num_layers']}: {', '.join(map(str, moe['layers']))}",
             f"experts: {moe['num_experts']} × {moe['expert_type']} (d_ff {moe['intermediate_size']}, "
@@ -86,6 +97,13 @@ def render(info: dict) -> str:
             f"loss weights: load-balancing {moe['aux_loss_weight']}, z {moe['z_loss_weight']}, "
             f"importance {moe['importance_loss_weight']}",
         ]
+        conv = info.get("aux_loss_conventions")
+        if conv:
+            lines.append(
+                f"load-balancing weight {moe['aux_loss_weight']} applies to the mean over {conv['routed_layers']} "
+                f"routed layer(s); the same in other conventions: {conv['per_layer_sum']:.4g} per layer, summed "
+                f"(Switch, Megatron-LM), router_aux_loss_coef {conv['hugging_face']:.4g} (Hugging Face, k={moe['top_k']})"
+            )
     p = info["parameters"]
     f = info["flops_per_token"]
     lines += [

@@ -60,7 +60,7 @@ def unsupported_settings(model, fmt: str) -> list[str]:
     if m.router_mode in ("random", "fixed"):
         problems.append(f"router_mode={m.router_mode}: need a learned (or frozen) router")
     if m.routing_unit != "token":
-        problems.append("routing_unit=sequence: need token-level routing")
+        problems.append(f"routing_unit={m.routing_unit}: need token-level routing")
     if m.global_routing:
         problems.append("global_routing: need layer-wise routing")
     if m.capacity_factor is not None:

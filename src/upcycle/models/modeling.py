@@ -15,11 +15,13 @@ work unchanged once ``import upcycle`` has registered the types with the Auto cl
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -97,6 +99,8 @@ class MoEModelMixin:
         layers = check_moe_layers(cfg)
         # A plain object (not a module): the side channel for masks, labels and global routing.
         self.moe_context = MoEContext()
+        # Sequence and prefix routing keep router sums per generation cache (MoEContext.save_prefix).
+        self._routes_on_sums = moe_cfg.sequence_units
         blocks = self.decoder_layers()
         for i in layers:
             moe = MoE(moe_cfg, context=self.moe_context)
@@ -161,8 +165,12 @@ class MoEModelMixin:
         bound = _signature(parent_forward).bind_partial(*args, **kwargs).arguments
         attention_mask = bound.get("attention_mask")
         has_labels = bound.get("labels") is not None
-        with self.moe_context.scope(attention_mask, sequence_labels):
+        # Sequence and prefix routing continue the router sums of the tokens a generation cache holds.
+        cache = _cache_argument(bound) if self._routes_on_sums else None
+        with self.moe_context.scope(attention_mask, sequence_labels, cache) as ctx:
             out = parent_forward(*args, **kwargs)
+            if self._routes_on_sums:
+                ctx.save_prefix(getattr(out, "cache", None) if not isinstance(out, tuple) else cache)
         aux = self.aux_losses()
         if isinstance(out, tuple):  # return_dict=False: only fold the aux loss into the leading loss
             if has_labels and aux is not None:
@@ -180,6 +188,36 @@ class MoEModelMixin:
             if out.loss is not None:
                 fields["loss"] = out.loss + aux["aux_loss"].to(out.loss.dtype)
         return output_cls(**fields)
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Callable = checkpoint, every_n_layers: int = 1
+    ):
+        # A checkpointed block is recomputed in backward, after this model's forward has returned: the
+        # MoE context replays what the block's forward saw (padding mask, sequence labels, the leader's
+        # routing for global routing), so every routing option works with gradient checkpointing.
+        if enable:
+            reentrant = getattr(gradient_checkpointing_func, "keywords", {}).get("use_reentrant")
+            if reentrant and any(m.router is not None for m in self.moe_layers().values()):
+                # The auxiliary losses (and, with global routing, the leader's routing) leave a block
+                # outside its outputs; a reentrant checkpoint runs the block without autograd, so they
+                # would silently carry no gradient.
+                raise ConfigError(
+                    "gradient_checkpointing_kwargs.use_reentrant",
+                    True,
+                    "MoE layers with a router need use_reentrant=False (the default): a reentrant checkpoint "
+                    "runs each block without autograd, so the auxiliary losses and global routing would give "
+                    "the routers no gradient",
+                )
+            gradient_checkpointing_func = self.moe_context.checkpoint_function(gradient_checkpointing_func)
+        return super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
+
+
+def _cache_argument(bound: dict):
+    """The generation cache passed to a forward (``cache``, or the deprecated ``past_key_values``)."""
+    cache = bound.get("cache")
+    if cache is None:
+        cache = bound.get("past_key_values", bound.get("kwargs", {}).get("past_key_values"))
+    return cache if hasattr(cache, "get_seq_length") else None
 
 
 _SIGNATURES: dict = {}
@@ -199,6 +237,13 @@ class MoECausalLMMixin(MoEModelMixin):
 
     def forward(self, *args, **kwargs):
         return self._moe_forward(super().forward, MoECausalLMOutput, "lm_loss", args, kwargs)
+
+    def _reorder_cache(self, cache, beam_idx: torch.LongTensor):
+        """Beam search: reorder the cache and, for sequence and prefix routing, the router sums kept for it
+        (generate calls this hook when a model defines it)."""
+        cache.reorder_cache(beam_idx)
+        self.moe_context.reorder_prefix(cache, beam_idx)
+        return cache
 
 
 class MoESequenceClassificationMixin(MoEModelMixin):

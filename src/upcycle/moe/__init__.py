@@ -16,8 +16,8 @@ from upcycle.moe.bank import cpu_expert_workers, cpu_expert_workers_set, set_cpu
 from upcycle.moe.config import MoEConfig, parse_router_init
 from upcycle.moe.experts import GLUExpert, MLPExpert, activation_fn
 from upcycle.moe.layer import MoE, MoEContext
-from upcycle.moe.losses import importance_loss, load_balancing_loss, z_loss
-from upcycle.moe.router import Router, Routing, score
+from upcycle.moe.losses import equivalent_aux_loss_weights, importance_loss, load_balancing_loss, z_loss
+from upcycle.moe.router import Router, Routing, score, score_sequence
 from upcycle.moe.stats import RouterStats
 
 __all__ = [
@@ -32,10 +32,12 @@ __all__ = [
     "activation_fn",
     "cpu_expert_workers",
     "cpu_expert_workers_set",
+    "equivalent_aux_loss_weights",
     "importance_loss",
     "load_balancing_loss",
     "parse_router_init",
     "score",
+    "score_sequence",
     "set_cpu_expert_workers",
     "z_loss",
 ]

@@ -13,7 +13,7 @@ ExpertType = Literal["mlp", "glu"]
 ScoreOrder = Literal["softmax_topk", "topk_softmax"]
 RouterType = Literal["linear", "mlp"]
 RouterMode = Literal["learned", "frozen", "random", "fixed"]
-RoutingUnit = Literal["token", "sequence"]
+RoutingUnit = Literal["token", "sequence", "sequence_prefix"]
 
 #: Activation names accepted for experts (Hugging Face ``ACT2FN`` spellings).
 ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "silu", "swish", "relu", "gelu_fast", "quick_gelu")
@@ -75,9 +75,10 @@ class MoEConfig:
     router_bias: bool = False
     """Bias in the router's linear layers."""
     router_mode: RouterMode = "learned"
-    """'learned'; 'frozen' at initialisation (no gradient); 'random': re-initialised at every forward call
-    (Fan et al. 2024, Table 3); 'fixed': expert chosen by an external per-sequence label (language-guided
-    routing; needs top_k=1 and sequence labels)."""
+    """'learned'; 'frozen' at initialisation; 'random': fresh weights drawn from router_init for every
+    forward call, the stored ones left as initialised (Fan et al. 2024, Table 3); 'fixed': expert chosen by an external per-sequence label (language-guided
+    routing; needs top_k=1 and sequence labels). Frozen and random routers hold their weights as buffers
+    (same state-dict keys), so no load path or optimiser can train them."""
     router_init: str = "normal:0.02"
     """Router weight initialisation: 'normal:STD', 'uniform:A' for U(-A, A), or 'zeros'. N(0, 0.02) is the
     default because U[0,1) or N(0,1) saturate the softmax (design notes, pitfalls)."""
@@ -86,19 +87,32 @@ class MoEConfig:
     noisy_gating: bool = False
     """Noisy top-k gating (Shazeer et al. 2017): add N(0,1)·softplus(x·W_noise) to the logits in training."""
     routing_unit: RoutingUnit = "token"
-    """'token', or 'sequence': router logits summed over the sequence's non-padding tokens, then scored;
-    every token of the sequence goes to the sequence's experts (Fan et al. 2024)."""
+    """'token'; 'sequence': router logits summed over the sequence's non-padding tokens decide the experts
+    of every token of the sequence (Fan et al. 2024). In a causal LM this lets token t's experts depend on
+    later tokens (it leaks the future; kept to reproduce the paper); 'sequence_prefix' is the causal
+    variant: token t is routed on the sum over the non-padding tokens up to t, exact under cached
+    generation. Both sequence units score as Fan et al., App. A: top-1 with the configured score (their
+    eq. 1), top-k ≥ 2 with a second softmax over the chosen experts' probabilities (eq. 2), which keeps
+    top-2 weights within [0.27, 0.73]; score_order and renormalize do not apply then. Their z-loss is
+    taken on the per-token logits and their load-balancing loss on the length-normalised (mean) logits,
+    so neither grows with sequence length."""
     global_routing: bool = False
-    """Every MoE layer of a model reuses the first MoE layer's routing decision (Fan et al. 2024)."""
+    """Every MoE layer of a model reuses the first MoE layer's routing decision (Fan et al. 2024), also in
+    the recomputed forward of gradient checkpointing."""
     capacity_factor: float | None = None
     """None: dropless (default). A number c: each expert takes at most ceil(c·T·K/E) assignments;
     overflow is dropped (first-choice assignments first, then by position) and counted."""
     dropout: float = 0.0
     """Dropout on the layer output (GPT-2's MLP applies resid_pdrop there)."""
     aux_loss_weight: float = 0.01
-    """Weight of the Switch/GShard load-balancing loss when the model combines the layer losses."""
+    """Weight of the Switch/GShard load-balancing loss, applied to its *mean* over the model's MoE layers
+    (each layer's loss is 1.0 when balanced). Other conventions for the same training signal: Switch and
+    Megatron add α·loss per layer (a sum over L layers), so α = aux_loss_weight / L; Hugging Face's
+    router_aux_loss_coef multiplies a value k times ours (its f sums to k), so coef = aux_loss_weight / k.
+    `upcycle inspect` prints both for a checkpoint."""
     z_loss_weight: float = 0.0
-    """Weight of the router z-loss (ST-MoE)."""
+    """Weight of the router z-loss (ST-MoE): mean over non-padding tokens of logsumexp(per-token logits)²,
+    averaged over layers like aux_loss_weight (for sequence units too, so it stays bounded in length)."""
     importance_loss_weight: float = 0.0
     """Weight of Shazeer's importance loss (CV² of per-expert gate sums)."""
 
@@ -160,6 +174,25 @@ class MoEConfig:
     @property
     def has_router(self) -> bool:
         return self.router_mode != "fixed"
+
+    @property
+    def sequence_units(self) -> bool:
+        """Routing on logits summed over a sequence or a sequence prefix (Fan et al. 2024)."""
+        return self.routing_unit in ("sequence", "sequence_prefix") and self.router_mode != "fixed"
+
+    @property
+    def weights_sum_to_one(self) -> bool:
+        """Whether the k combine weights of a token always sum to 1 (renormalised softmax-then-top-k,
+        top-k-then-softmax, Fan et al.'s eq. 2, fixed routing), rather than being raw probabilities."""
+        if self.router_mode == "fixed" or (self.sequence_units and self.top_k > 1):
+            return True
+        return self.score_order == "topk_softmax" or self.renormalize
+
+    @property
+    def router_learns_from_lm_loss(self) -> bool:
+        """False when a learned router gets no gradient from the language-modelling loss: with top-1 and
+        weights that sum to 1 the combine weight is identically 1, so only the auxiliary losses train it."""
+        return not (self.top_k == 1 and self.weights_sum_to_one)
 
     @property
     def shared_size(self) -> int:

@@ -14,7 +14,11 @@ single-threaded workers (:mod:`upcycle.moe.bank`).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -22,22 +26,66 @@ from torch import nn
 from upcycle.moe import bank, losses
 from upcycle.moe.config import MoEConfig
 from upcycle.moe.experts import make_expert
-from upcycle.moe.router import Router, Routing, score
+from upcycle.moe.router import Router, Routing, score, score_sequence
 from upcycle.moe.stats import RouterStats
+
+
+@dataclass
+class PrefixSums:
+    """One MoE layer's running sums of (masked) router logits at every position a generation cache
+    holds: what sequence and prefix routing need to continue a sequence from the cache (issue 10)."""
+
+    sums_BLE: torch.Tensor
+    """Sum of the router logits of the non-padding tokens up to each position (float32)."""
+    counts_BL: torch.Tensor
+    """Number of non-padding tokens up to each position (float32)."""
+
+    @property
+    def length(self) -> int:
+        return self.sums_BLE.shape[1]
+
+    def truncate(self, length: int) -> PrefixSums:
+        return PrefixSums(self.sums_BLE[:, :length], self.counts_BL[:, :length])
+
+    def after(self, past: PrefixSums | None) -> PrefixSums:
+        """These positions appended to ``past``'s."""
+        if past is None:
+            return self
+        return PrefixSums(
+            torch.cat([past.sums_BLE, self.sums_BLE], 1), torch.cat([past.counts_BL, self.counts_BL], 1)
+        )
+
+    def select(self, index: torch.Tensor) -> PrefixSums:
+        return PrefixSums(
+            self.sums_BLE.index_select(0, index.to(self.sums_BLE.device)),
+            self.counts_BL.index_select(0, index.to(self.counts_BL.device)),
+        )
 
 
 class MoEContext:
     """What an MLP-shaped call ``mlp(hidden_states)`` cannot receive as arguments, shared by the MoE
     layers of one model: the attention mask (to mask padding out of losses, statistics and sequence
-    routing), per-sequence labels (fixed routing) and the routing decision of the first layer (global
-    routing). A model sets it around its forward with :meth:`scope`.
+    routing), per-sequence labels (fixed routing), the routing decision of the first layer (global
+    routing) and, for sequence and prefix routing under a generation cache, the router-logit sums of the
+    cached tokens. A model sets it around its forward with :meth:`scope`.
+
+    Gradient checkpointing recomputes a block in backward, after the model's forward (and its scope)
+    has ended; :meth:`checkpoint_function` wraps the checkpoint so that the recompute sees the context
+    its forward saw (mask, labels, the leader's routing) and counts no statistics twice.
     """
 
     def __init__(self) -> None:
         self.attention_mask: torch.Tensor | None = None
         self.sequence_labels: torch.Tensor | None = None
         self.global_routing: Routing | None = None
+        self.replaying = False
+        """True while gradient checkpointing recomputes a block: same maths, no side effects."""
+        self.prefix_past: dict[int, PrefixSums] | None = None
+        """Per layer rank: the logit sums of the tokens already in the cache (None: a fresh sequence)."""
+        self.prefix_new: dict[int, PrefixSums] = {}
+        """Per layer rank: the logit sums of this call's tokens, written by the layers."""
         self.num_layers = 0
+        self._prefix_store: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def register(self) -> int:
         """Give the next layer built with this context its rank (0 leads global routing)."""
@@ -45,29 +93,106 @@ class MoEContext:
         self.num_layers += 1
         return rank
 
-    def scope(self, attention_mask: torch.Tensor | None = None, sequence_labels: torch.Tensor | None = None):
-        return _ContextScope(self, attention_mask, sequence_labels)
+    def scope(
+        self,
+        attention_mask: torch.Tensor | None = None,
+        sequence_labels: torch.Tensor | None = None,
+        cache: object | None = None,
+    ):
+        """Context of one model forward. ``cache``: the generation cache the forward continues (only for
+        sequence and prefix routing), whose tokens' logit sums this context kept from earlier calls."""
+        return _ContextScope(self, attention_mask, sequence_labels, cache)
 
     def clear(self) -> None:
         self.attention_mask = None
         self.sequence_labels = None
         self.global_routing = None
+        self.prefix_past = None
+        self.prefix_new = {}
+
+    # ------------------------------------------------------------- generation cache (prefix sums)
+    def load_prefix(self, cache) -> dict[int, PrefixSums] | None:
+        """The logit sums of the tokens ``cache`` already holds, cut to its length (it may have been
+        cropped, e.g. by assisted decoding); None for an empty cache."""
+        past = cache.get_seq_length() if cache is not None else 0
+        if not past:
+            return None
+        sums = self._prefix_store.get(cache)
+        if sums is None or any(s.length < past for s in sums.values()):
+            raise RuntimeError(
+                f"sequence routing: the cache holds {past} tokens whose router sums this model did not record "
+                "(a cache filled by another model, or by a forward that returned a tuple); run the whole "
+                "sequence again without a cache"
+            )
+        return {rank: s.truncate(past) for rank, s in sums.items()}
+
+    def save_prefix(self, cache) -> None:
+        """Keep the sums of the cached tokens (past and this call's) for the next call with ``cache``."""
+        if cache is None or not self.prefix_new:
+            return
+        past = self.prefix_past or {}
+        merged = {rank: new.after(past.get(rank)) for rank, new in self.prefix_new.items()}
+        if all(s.length == cache.get_seq_length() for s in merged.values()):
+            self._prefix_store[cache] = merged
+        else:  # the forward did not fill the cache (e.g. use_cache was switched off)
+            self._prefix_store.pop(cache, None)
+
+    def reorder_prefix(self, cache, beam_idx: torch.Tensor) -> None:
+        """Follow a beam-search reordering of ``cache``'s batch rows."""
+        sums = self._prefix_store.get(cache)
+        if sums is not None:
+            self._prefix_store[cache] = {rank: s.select(beam_idx) for rank, s in sums.items()}
+
+    # ------------------------------------------------------------- gradient checkpointing
+    def checkpoint_function(self, checkpoint_fn: Callable) -> Callable:
+        """Wrap a gradient-checkpointing function (``torch.utils.checkpoint.checkpoint`` with Hugging Face's
+        keyword arguments) so that every recompute of a block replays the context of the block's forward:
+        the attention mask, the sequence labels and, for global routing, the leader's routing decision
+        (a follower is recomputed in backward before its leader, after the model's scope has closed)."""
+
+        def run(function, *args, **kwargs):
+            state = (self.attention_mask, self.sequence_labels, self.global_routing)
+            calls = 0
+
+            def replayable(*a, **k):
+                nonlocal calls
+                calls += 1
+                if calls == 1:  # the forward itself
+                    return function(*a, **k)
+                with self._replaying(state):
+                    return function(*a, **k)
+
+            return checkpoint_fn(replayable, *args, **kwargs)
+
+        return run
+
+    @contextlib.contextmanager
+    def _replaying(self, state: tuple):
+        saved = (self.attention_mask, self.sequence_labels, self.global_routing, self.replaying)
+        self.attention_mask, self.sequence_labels, self.global_routing = state
+        self.replaying = True
+        try:
+            yield
+        finally:
+            self.attention_mask, self.sequence_labels, self.global_routing, self.replaying = saved
 
 
 class _ContextScope:
-    def __init__(self, ctx: MoEContext, attention_mask, sequence_labels):
-        self.ctx, self.mask, self.labels = ctx, attention_mask, sequence_labels
+    def __init__(self, ctx: MoEContext, attention_mask, sequence_labels, cache):
+        self.ctx, self.mask, self.labels, self.cache = ctx, attention_mask, sequence_labels, cache
         self.saved: tuple | None = None
 
     def __enter__(self) -> MoEContext:
         c = self.ctx
-        self.saved = (c.attention_mask, c.sequence_labels, c.global_routing)
+        past = c.load_prefix(self.cache)
+        self.saved = (c.attention_mask, c.sequence_labels, c.global_routing, c.prefix_past, c.prefix_new)
         c.attention_mask, c.sequence_labels, c.global_routing = self.mask, self.labels, None
+        c.prefix_past, c.prefix_new = past, {}
         return c
 
     def __exit__(self, *exc) -> None:
         c = self.ctx
-        c.attention_mask, c.sequence_labels, c.global_routing = self.saved
+        (c.attention_mask, c.sequence_labels, c.global_routing, c.prefix_past, c.prefix_new) = self.saved
 
 
 class _ToSorted(torch.autograd.Function):
@@ -213,44 +338,79 @@ class MoE(nn.Module):
                 )
             return routing
 
-        sequence = cfg.routing_unit == "sequence" or cfg.router_mode == "fixed"
-        if sequence and hidden_states.dim() != 3:
+        if (cfg.sequence_units or cfg.router_mode == "fixed") and hidden_states.dim() != 3:
             raise ValueError(
                 f"sequence-level routing needs (batch, sequence, hidden) input, got {tuple(hidden_states.shape)}"
             )
-        B, S = (hidden_states.shape[0], hidden_states.shape[1]) if hidden_states.dim() == 3 else (1, T)
-
         if cfg.router_mode == "fixed":
-            ids_BK = self._labels(sequence_labels, B).to(x_TD.device).unsqueeze(-1)
-            weights_BK = torch.ones(ids_BK.shape, dtype=torch.float32, device=x_TD.device)
-            routing = Routing(
-                ids_BK.repeat_interleave(S, 0), weights_BK.repeat_interleave(S, 0), ids_UK=ids_BK
-            )
-            routing.unit = "sequence"
+            routing = self._route_fixed(hidden_states, sequence_labels)
+        elif cfg.sequence_units:
+            routing = self._route_sequences(self.router(x_TD), hidden_states.shape[0], mask_T)
         else:
             logits_TE = self.router(x_TD)
-            if cfg.routing_unit == "sequence":
-                # Fan et al. (2024): sum the gate logits over the sequence's tokens, then score.
-                logits_BSE = logits_TE.view(B, S, -1)
-                if mask_T is not None:
-                    logits_BSE = logits_BSE * mask_T.view(B, S, 1)
-                logits_UE = logits_BSE.sum(1)
-            else:
-                logits_UE = logits_TE
-            probs_UE, weights_UK, ids_UK = score(logits_UE, cfg.top_k, cfg.score_order, cfg.renormalize)
-            if cfg.routing_unit == "sequence":
-                ids_TK, weights_TK = ids_UK.repeat_interleave(S, 0), weights_UK.repeat_interleave(S, 0)
-            else:
-                ids_TK, weights_TK = ids_UK, weights_UK
-            gates_UE = torch.zeros_like(probs_UE).scatter(1, ids_UK, weights_UK)
-            routing = Routing(ids_TK, weights_TK, logits_UE, probs_UE, ids_UK, gates_UE, cfg.routing_unit)
+            probs_TE, weights_TK, ids_TK = score(logits_TE, cfg.top_k, cfg.score_order, cfg.renormalize)
+            gates_TE = torch.zeros_like(probs_TE).scatter(1, ids_TK, weights_TK)
+            routing = Routing(ids_TK, weights_TK, logits_TE, probs_TE, ids_TK, gates_TE, "token")
 
         if cfg.global_routing and self.context is not None:
             self.context.global_routing = routing
         return routing
 
+    def _route_fixed(self, hidden_states: torch.Tensor, sequence_labels: torch.Tensor | None) -> Routing:
+        B, S = hidden_states.shape[0], hidden_states.shape[1]
+        ids_BK = self._labels(sequence_labels, B).to(hidden_states.device).unsqueeze(-1)
+        weights_BK = torch.ones(ids_BK.shape, dtype=torch.float32, device=hidden_states.device)
+        return Routing(
+            ids_BK.repeat_interleave(S, 0), weights_BK.repeat_interleave(S, 0), ids_UK=ids_BK, unit="sequence"
+        )
+
+    def _route_sequences(self, logits_TE: torch.Tensor, B: int, mask_T: torch.Tensor | None) -> Routing:
+        """Fan et al. (2024): route on gate logits summed over the sequence's non-padding tokens
+        ('sequence', one decision per sequence) or over those up to each token ('sequence_prefix', one
+        decision per token, causal), scored by :func:`score_sequence` (their App. A)."""
+        cfg = self.config
+        E = logits_TE.shape[-1]
+        logits_BSE = logits_TE.view(B, -1, E)
+        S = logits_BSE.shape[1]
+        real_BS = mask_T.view(B, S) if mask_T is not None else logits_TE.new_ones(B, S)
+        # Running sums from the first real token, continued from the tokens a generation cache holds, so
+        # cached decoding routes exactly as a forward over the whole sequence does.
+        start_BE, start_B = self._cached_sums(B, E, logits_TE)
+        sums_BSE = start_BE.unsqueeze(1) + (logits_BSE * real_BS.unsqueeze(-1)).cumsum(1)
+        counts_BS = start_B.unsqueeze(1) + real_BS.cumsum(1)
+        if self.context is not None and not self.context.replaying:
+            self.context.prefix_new[self.rank] = PrefixSums(sums_BSE.detach(), counts_BS.detach())
+        if cfg.routing_unit == "sequence":
+            summed_UE, counts_U = sums_BSE[:, -1], counts_BS[:, -1]
+        else:
+            summed_UE, counts_U = sums_BSE.reshape(-1, E), counts_BS.reshape(-1)
+        probs_UE, weights_UK, ids_UK = score_sequence(summed_UE, cfg)
+        # The load-balancing loss sees the mean logits: same top-k, a softmax that is not one-hot for long
+        # sequences, so its gradient does not vanish with length.
+        balance_UE = torch.softmax(summed_UE / counts_U.clamp_min(1.0).unsqueeze(-1), dim=-1)
+        gates_UE = torch.zeros_like(probs_UE).scatter(1, ids_UK, weights_UK)
+        if cfg.routing_unit == "sequence":
+            ids_TK, weights_TK = ids_UK.repeat_interleave(S, 0), weights_UK.repeat_interleave(S, 0)
+        else:
+            ids_TK, weights_TK = ids_UK, weights_UK
+        return Routing(
+            ids_TK, weights_TK, summed_UE, probs_UE, ids_UK, gates_UE, cfg.routing_unit, logits_TE, balance_UE
+        )
+
+    def _cached_sums(self, B: int, E: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sums_BE, counts_B) of the tokens before this call: zeros unless a generation cache is continued."""
+        past = self.context.prefix_past if self.context is not None else None
+        state = past.get(self.rank) if past else None
+        if state is None:
+            return like.new_zeros(B, E), like.new_zeros(B)
+        if state.sums_BLE.shape[0] != B:
+            raise RuntimeError(
+                f"sequence routing: the cache holds sums for {state.sums_BLE.shape[0]} sequences, the batch has {B}"
+            )
+        return state.sums_BLE[:, -1].to(like.device), state.counts_BL[:, -1].to(like.device)
+
     def _unit_mask(self, routing: Routing, mask_T: torch.Tensor | None, B: int) -> torch.Tensor | None:
-        if mask_T is None or routing.unit == "token":
+        if mask_T is None or routing.unit != "sequence":
             return mask_T
         # A sequence counts if it has at least one real token.
         return (mask_T.view(B, -1).sum(1) > 0).float()
@@ -330,7 +490,16 @@ class MoE(nn.Module):
         x_TD = hidden_states.reshape(-1, shape[-1])
         mask_T = self._token_mask(shape, attention_mask)
         routing = self.route(hidden_states, mask_T, sequence_labels)
-        y_TD = self._dispatch(x_TD, routing, mask_T)
+        # Gradient checkpointing's recompute runs the same maths (it must save the same tensors) but
+        # must not count the tokens again or replace what the forward reported.
+        replaying = self.context is not None and self.context.replaying
+        stats = self.stats
+        if replaying:
+            self.stats = RouterStats(self.config.num_experts)
+        try:
+            y_TD = self._dispatch(x_TD, routing, mask_T)
+        finally:
+            self.stats = stats
 
         if len(self.shared_experts):
             shared_TD = sum(expert(x_TD) for expert in self.shared_experts)
@@ -338,28 +507,37 @@ class MoE(nn.Module):
                 shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
 
-        self._compute_losses(routing, mask_T, shape[0] if len(shape) == 3 else 1)
-        self.last_routing = Routing(
-            routing.ids_TK.detach(),
-            routing.weights_TK.detach(),
-            None if routing.logits_UE is None else routing.logits_UE.detach(),
-            None if routing.probs_UE is None else routing.probs_UE.detach(),
-            None if routing.ids_UK is None else routing.ids_UK.detach(),
-            None,
-            routing.unit,
-        )
+        aux_losses = self._compute_losses(routing, mask_T, shape[0] if len(shape) == 3 else 1)
+        if not replaying:
+            self.aux_losses = aux_losses
+            self.last_routing = Routing(
+                routing.ids_TK.detach(),
+                routing.weights_TK.detach(),
+                _detach(routing.logits_UE),
+                _detach(routing.probs_UE),
+                _detach(routing.ids_UK),
+                None,
+                routing.unit,
+            )
         y = y_TD.view(shape)
         # nn.Dropout(p=0) still copies the tensor in training; skip it.
         return self.dropout(y) if self.config.dropout > 0 else y
 
-    def _compute_losses(self, routing: Routing, mask_T: torch.Tensor | None, B: int) -> None:
+    def _compute_losses(
+        self, routing: Routing, mask_T: torch.Tensor | None, B: int
+    ) -> dict[str, torch.Tensor]:
         if self.router is None or routing.probs_UE is None:
-            self.aux_losses = {}
-            return
+            return {}
         mask_U = self._unit_mask(routing, mask_T, B)
-        self.aux_losses = {
-            "load_balancing": losses.load_balancing_loss(routing.probs_UE, routing.ids_UK, mask_U),
-            "z": losses.z_loss(routing.logits_UE, mask_U),
+        # z-loss on the per-token logits (ST-MoE's quantity), also for sequence units: the logsumexp of a
+        # sum over the sequence grows with its length; the per-token logits bound that sum.
+        token_logits_TE = (
+            routing.token_logits_TE if routing.token_logits_TE is not None else routing.logits_UE
+        )
+        balance_UE = routing.balance_probs_UE if routing.balance_probs_UE is not None else routing.probs_UE
+        return {
+            "load_balancing": losses.load_balancing_loss(balance_UE, routing.ids_UK, mask_U),
+            "z": losses.z_loss(token_logits_TE, mask_T),
             "importance": losses.importance_loss(routing.gates_UE, mask_U),
         }
 
@@ -381,3 +559,7 @@ class MoE(nn.Module):
             f"{'+renorm' if c.renormalize and c.score_order == 'softmax_topk' else ''}, unit={c.routing_unit}, "
             f"router={c.router_type}/{c.router_mode}, shared={c.num_shared_experts}"
         )
+
+
+def _detach(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach()

@@ -56,3 +56,15 @@ def importance_loss(gates_UE: torch.Tensor, mask_U: torch.Tensor | None = None) 
 def z_loss(logits_UE: torch.Tensor, mask_U: torch.Tensor | None = None) -> torch.Tensor:
     """Router z-loss (ST-MoE, Zoph et al. 2022): mean over units of logsumexp(logits)²."""
     return _masked_mean(torch.logsumexp(logits_UE, dim=-1) ** 2, mask_U)
+
+
+def equivalent_aux_loss_weights(weight: float, num_layers: int, top_k: int) -> dict[str, float]:
+    """The weights that give the same load-balancing gradient as ``weight`` under other conventions.
+
+    Ours: ``weight · mean over the L MoE layers that route`` of a per-layer loss that is 1.0 when balanced.
+    Switch Transformer and Megatron-LM add ``α · loss`` per layer (a sum over layers) with the same
+    per-layer normalisation, so α = weight / L. Hugging Face's ``router_aux_loss_coef`` multiplies a value
+    k times ours (its per-token f sums to k), so coef = weight / k (its pooling of all layers before the
+    product is not the mean of per-layer products, but balanced routing gives k for both).
+    """
+    return {"per_layer_sum": weight / max(num_layers, 1), "hugging_face": weight / top_k}

@@ -1,7 +1,7 @@
 """Routers and scoring: from hidden states to (expert ids, combine weights) per routing unit.
 
-Shape legend (torchtitan style): B batch, S sequence, T = B·S tokens, U routing units (T for token
-routing, B for sequence routing), D hidden, H router hidden, E experts, K top-k.
+Shape legend (torchtitan style): B batch, S sequence, T = B·S tokens, U routing units (T for token and
+prefix routing, B for sequence routing), D hidden, H router hidden, E experts, K top-k.
 
 All router maths runs in float32 whatever the model dtype: softmax over bf16 logits loses the small
 differences that decide top-k, and the auxiliary losses are sums of many small terms.
@@ -27,14 +27,21 @@ class Routing:
     weights_TK: torch.Tensor
     """Combine weight of each chosen expert (float32)."""
     logits_UE: torch.Tensor | None = None
-    """Router logits per routing unit (float32), None for fixed routing."""
+    """Router logits per routing unit (float32; summed over the unit's tokens for sequence units), None for
+    fixed routing."""
     probs_UE: torch.Tensor | None = None
-    """Softmax over all experts per routing unit (float32), None for fixed routing."""
+    """Softmax of ``logits_UE`` over all experts per routing unit (float32), None for fixed routing."""
     ids_UK: torch.Tensor | None = None
     """Chosen experts per routing unit."""
     gates_UE: torch.Tensor | None = None
     """Sparse combine weights per routing unit (zeros outside the top k), for the importance loss."""
     unit: str = "token"
+    token_logits_TE: torch.Tensor | None = None
+    """Per-token router logits (float32), what the z-loss penalises; None means ``logits_UE`` (token units)."""
+    balance_probs_UE: torch.Tensor | None = None
+    """Probabilities the load-balancing loss averages; None means ``probs_UE``. Sequence units use the
+    softmax of the length-normalised (mean) logits: the softmax of a sum over hundreds of tokens is
+    one-hot, and its gradient, vanishes."""
 
 
 def init_router_weight(
@@ -69,31 +76,78 @@ def score(logits_UE: torch.Tensor, top_k: int, score_order: str, renormalize: bo
     return probs_UE, weights_UK, ids_UK
 
 
-class Router(nn.Module):
+def score_sequence(summed_UE: torch.Tensor, config: MoEConfig):
+    """Fan et al. (2024), App. A, for logits summed over a sequence (or a sequence prefix).
+
+    Top-2 and more (their eq. 2): p = softmax(h) of the summed logits h, keep the top k, and weight the
+    chosen experts by a *second* softmax over their probabilities, w_i = e^{p_i} / Σ_{j∈top-k} e^{p_j}.
+    As the p_i lie in [0, 1], top-2 weights stay within [1/(1+e), e/(1+e)] ≈ [0.27, 0.73] however long
+    the sequence, where one softmax of a 256-token sum gives [1, 1e-9]. Top-1 follows their eq. 1
+    (Switch), i.e. the layer's configured score. Returns (probs_UE, weights_UK, ids_UK).
+    """
+    if config.top_k == 1:
+        return score(summed_UE, 1, config.score_order, config.renormalize)
+    probs_UE = torch.softmax(summed_UE, dim=-1)
+    # The top k of p are the top k of h (softmax is monotonic); choosing on h keeps the order where the
+    # float32 softmax of a long sum rounds the runners-up to the same 0.
+    ids_UK = torch.topk(summed_UE, config.top_k, dim=-1).indices
+    return probs_UE, torch.softmax(probs_UE.gather(-1, ids_UK), dim=-1), ids_UK
+
+
+class _RouterTensors(nn.Module):
+    """Holds router tensors as parameters (learned router) or as persistent buffers (frozen and random
+    routers), under the same names, so the state-dict keys are the same either way.
+
+    Buffers make "this router does not train" structural (issue 10): ``from_pretrained`` hands back
+    every *parameter* with ``requires_grad=True``, and an optimiser built over ``model.parameters()``
+    would then train a frozen router; buffers have no gradient and are in no optimiser, whatever the
+    load path, while ``save_pretrained`` still writes them (older checkpoints load unchanged).
+    """
+
+    def __init__(self, trainable: bool):
+        super().__init__()
+        self.trainable = trainable
+
+    def _add(self, name: str, tensor: torch.Tensor | None) -> None:
+        if self.trainable or tensor is None:
+            self.register_parameter(name, None if tensor is None else nn.Parameter(tensor))
+        else:
+            self.register_buffer(name, tensor, persistent=True)
+
+
+class RouterLinear(_RouterTensors):
+    """The hidden layer (H×D) of a 2-layer MLP router: ``weight`` and optional ``bias`` (applied by
+    :meth:`Router.forward`, which may substitute a random draw for the weight)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, trainable: bool):
+        super().__init__(trainable)
+        self._add("weight", torch.empty(out_features, in_features))
+        self._add("bias", torch.zeros(out_features) if bias else None)
+
+
+class Router(_RouterTensors):
     """Linear (E×D) or 2-layer MLP (D→H→E) router, with optional noisy-gating weights.
 
     ``weight`` is always the matrix that produces the logits, so a linear router's ``weight`` has the
-    same layout as Hugging Face Mixtral's ``gate.weight``.
+    same layout as Hugging Face Mixtral's ``gate.weight``. A learned router holds parameters; a frozen or
+    random router holds buffers with the same names (see :class:`_RouterTensors`).
     """
 
     def __init__(self, config: MoEConfig):
-        super().__init__()
+        super().__init__(trainable=config.router_mode == "learned")
         self.config = config
         D, E = config.hidden_size, config.num_experts
-        self.hidden: nn.Linear | None = None
+        self.hidden: RouterLinear | None = None
         in_features = D
         if config.router_type == "mlp":
             H = config.router_hidden_size or D
-            self.hidden = nn.Linear(D, H, bias=config.router_bias)
+            self.hidden = RouterLinear(D, H, config.router_bias, self.trainable)
             in_features = H
-        self.weight = nn.Parameter(torch.empty(E, in_features))
-        self.bias = nn.Parameter(torch.zeros(E)) if config.router_bias else None
+        self._add("weight", torch.empty(E, in_features))
+        self._add("bias", torch.zeros(E) if config.router_bias else None)
         # Shazeer et al. (2017) initialise W_noise to zero: noise starts at softplus(0)·N(0,1).
-        self.noise_weight = nn.Parameter(torch.zeros(E, D)) if config.noisy_gating else None
+        self._add("noise_weight", torch.zeros(E, D) if config.noisy_gating else None)
         self.reset_parameters()
-        if config.router_mode in ("frozen", "random"):
-            for p in self.parameters():
-                p.requires_grad_(False)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -108,12 +162,27 @@ class Router(nn.Module):
         if self.noise_weight is not None:
             nn.init.zeros_(self.noise_weight)
 
+    @torch.no_grad()
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Fresh (weight, hidden weight) from the configured init, for ``router_mode='random'``.
+
+        The draw is used for one call only and the stored weights are left as initialised, so a checkpoint
+        does not change by running a forward. Under activation checkpointing the recompute restores the
+        RNG state, so it draws the weights the forward used.
+        """
+        spec = self.config.router_init_spec
+        weight = _sample(self.weight, spec)  # output layer first, then the hidden layer
+        hidden = _sample(self.hidden.weight, spec) if self.hidden is not None else None
+        return weight, hidden
+
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         """float32 logits (T, E). Jitter and noise are applied here, in training only."""
         cfg = self.config
+        weight = self.weight
+        hidden = self.hidden.weight if self.hidden is not None else None
         if cfg.router_mode == "random":
             # Fan et al. (2024) "Random" routing: fresh router weights at every call.
-            self.reset_parameters()
+            weight, hidden = self.draw()
         x = x_TD.float()
         if self.training and cfg.router_jitter > 0:
             # Multiplicative jitter on the router input only: the experts still see the clean x
@@ -121,12 +190,24 @@ class Router(nn.Module):
             x = x * torch.empty_like(x).uniform_(1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter)
         h = x
         if self.hidden is not None:
-            h = F.relu(F.linear(h, self.hidden.weight.float(), _float(self.hidden.bias)))
-        logits = F.linear(h, self.weight.float(), _float(self.bias))
+            h = F.relu(F.linear(h, hidden.float(), _float(self.hidden.bias)))
+        logits = F.linear(h, weight.float(), _float(self.bias))
         if self.noise_weight is not None and self.training:
             noise_std = F.softplus(F.linear(x, self.noise_weight.float()))
             logits = logits + torch.randn_like(logits) * noise_std
         return logits
+
+
+def _sample(like: torch.Tensor, spec: tuple[str, float]) -> torch.Tensor:
+    """A fresh tensor shaped like ``like`` from the init ``spec``, drawn with tensor methods rather than
+    ``torch.nn.init`` (which Hugging Face's ``no_init_weights`` turns into no-ops); same RNG stream."""
+    kind, scale = spec
+    out = torch.empty_like(like)
+    if kind == "normal":
+        return out.normal_(0.0, scale)
+    if kind == "uniform":
+        return out.uniform_(-scale, scale)
+    return out.zero_()
 
 
 def _float(t: torch.Tensor | None) -> torch.Tensor | None:

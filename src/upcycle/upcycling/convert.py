@@ -24,7 +24,7 @@ import upcycle
 from upcycle.config import ConfigError, UserError
 from upcycle.data.tokenizers import usable
 from upcycle.io import atomic_output_dir, check_output_dir
-from upcycle.models.modeling import Family, family_for
+from upcycle.models.modeling import Family, family_for, moe_config_of
 from upcycle.moe import MoE, MoEConfig
 from upcycle.upcycling.dense import DenseMLP, copy_into_expert
 from upcycle.upcycling.options import UpcycleConfig, parse_layers
@@ -261,34 +261,59 @@ def function_preservation(dense: PreTrainedModel, moe_model: PreTrainedModel, op
     """max |Δlogits| and mean KL(dense ‖ MoE) per token on the probe batch, both models in eval mode."""
     length = min(opts.probe_length, getattr(dense.config, "max_position_embeddings", opts.probe_length))
     ids = probe_batch(dense.config.vocab_size, opts.probe_batch, length)
+    m = moe_config_of(moe_model.config)
     max_diff, kl_sum = 0.0, 0.0
     # One sequence at a time: full-vocabulary logits of a whole batch would dominate peak memory.
-    for row in ids.split(1):
+    for i, row in enumerate(ids.split(1)):
+        # Fixed routing takes its expert from a per-sequence label: the probe rows take turns.
+        extra = {"sequence_labels": torch.tensor([i % m.num_experts])} if m.router_mode == "fixed" else {}
         d = dense.eval()(input_ids=row).logits.float()
-        m = moe_model.eval()(input_ids=row).logits.float()
-        max_diff = max(max_diff, float((d - m).abs().max()))
-        kl = F.kl_div(F.log_softmax(m, -1), F.log_softmax(d, -1), log_target=True, reduction="none").sum(-1)
+        out = moe_model.eval()(input_ids=row, **extra).logits.float()
+        max_diff = max(max_diff, float((d - out).abs().max()))
+        kl = F.kl_div(F.log_softmax(out, -1), F.log_softmax(d, -1), log_target=True, reduction="none").sum(-1)
         kl_sum += float(kl.sum())
-    cfg = moe_model.config.moe
-    switch_style = cfg["score_order"] == "softmax_topk" and not cfg["renormalize"]
     scaled = bool((moe_model.config.upcycling or {}).get("options", {}).get("weight_scaling"))
     return {
         "max_abs_logit_diff": max_diff,
         # KL is ≥ 0; float rounding of two equal distributions can give -1e-9.
         "mean_kl": max(0.0, kl_sum / ids.numel()),
         "probe_tokens": int(ids.numel()),
-        "scales_by_router_probability": bool(switch_style),
+        "scales_by_router_probability": not m.weights_sum_to_one,
         "weight_scaling": scaled or opts.scaling,
+        **routing_warnings(m),
+    }
+
+
+def routing_warnings(m: MoEConfig) -> dict:
+    """Routing settings a user should choose knowingly (issue 10), as flags stored with the checkpoint."""
+    return {
+        "router_without_lm_gradient": m.router_mode == "learned" and not m.router_learns_from_lm_loss,
+        "routing_sees_future_tokens": m.routing_unit == "sequence" and m.router_mode != "fixed",
     }
 
 
 def preservation_line(fp: dict) -> str:
+    """The function-preservation figures and, in the same line, what the routing choice implies for them
+    and for the router's training signal; a second line warns of routing that sees future tokens."""
     line = f"function preservation: max |Δlogits| = {fp['max_abs_logit_diff']:.3g}, mean KL = {fp['mean_kl']:.3g}"
     if fp.get("scales_by_router_probability") and not fp.get("weight_scaling"):
         line += (
             " — note: softmax-then-top-k without renormalisation (Switch-style) multiplies each expert's output"
             " by its router probability (≈ top_k/experts at initialisation), so the MoE does not start as the"
             " dense model; use --renormalize, --score-order topk_softmax or --weight-scaling to start from it"
+        )
+    if fp.get("router_without_lm_gradient"):
+        line += (
+            " — note: top-1 with combine weights that sum to 1 (renormalised, or top-k-then-softmax) gives every"
+            " token weight 1, so the router gets no gradient from the LM loss, only from the auxiliary losses;"
+            " use --no-renormalize (Switch-style) or --top-k 2 for a router the LM loss trains"
+        )
+    if fp.get("routing_sees_future_tokens"):
+        line += (
+            "\nwarning: routing_unit=sequence routes every token on logits summed over the whole sequence, so a"
+            " token's experts depend on later tokens (the future leaks into a causal LM's predictions, and cached"
+            " generation differs from a full forward); it reproduces Fan et al. 2024 — use --routing-unit"
+            " sequence_prefix for the causal variant"
         )
     return line
 

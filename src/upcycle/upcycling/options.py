@@ -51,9 +51,14 @@ class UpcycleConfig:
     index_sharing: Literal["expert", "matrix"] = "expert"
     """drop: one index set per expert shared by its matrices (paper), or one per matrix (released code)."""
     noise_std: float = 0.01
-    """noise: standard deviation σ of the added N(0, σ) noise."""
+    """noise: standard deviation σ of the added N(0, σ) noise (the Drop-Upcycling paper's baseline: 0.02)."""
     noise_fraction: float = 0.5
-    """noise: fraction of each expert's weights that receive noise."""
+    """noise: fraction r of each expert's weight entries ('entries') or intermediate units ('units') that
+    receive noise."""
+    noise_mode: Literal["entries", "units"] = "entries"
+    """noise: 'entries' perturbs a random fraction of individual weight entries; 'units' perturbs every
+    entry of ⌊r·d_ff⌋ intermediate units per matrix, sampled per matrix (the Drop-Upcycling paper's noise
+    baseline; preset drop-upcycling-noise)."""
     granularity: int = 1
     """granular: G shards of the dense MLP per expert (expert intermediate size d_ff / G)."""
     weight_scaling: bool | None = None
@@ -70,7 +75,8 @@ class UpcycleConfig:
     shared_experts: int = 0
     """Shared experts (always active), initialised as copies of the dense MLP."""
     aux_loss_weight: float = 0.01
-    """Weight of the load-balancing loss."""
+    """Weight of the load-balancing loss, on its mean over MoE layers (Switch/Megatron per-layer sum:
+    divide by the number of layers; Hugging Face's router_aux_loss_coef: divide by top_k)."""
     z_loss_weight: float = 0.0
     """Weight of the router z-loss."""
     moe: dict = field(default_factory=dict)
@@ -198,9 +204,33 @@ PRESETS: dict[str, dict] = {
         aux_loss_weight=0.01,
         jitter=0.01,
     ),
-    # Nakamura et al. 2025: 8 experts, top-2, every FFN, r = 0.5, softmax over the top-2 logits
-    # (equal to Mixtral's renormalised softmax-then-top-k).
-    "drop-upcycling": dict(method="drop", experts=8, top_k=2, layers="all", ratio=0.5, renormalize=True),
+    # Nakamura et al. 2025: 8 experts, top-2, every FFN, r = 0.5, softmax over the top-2 logits (equal to
+    # Mixtral's renormalised softmax-then-top-k), router init U(-0.0346, 0.0346) (App. C.1: std 0.02; the
+    # released code's torch_rand_002), load-balancing coefficient 0.02 (§4; the paper does not say
+    # whether per layer summed or averaged: with L MoE layers a per-layer sum is 0.02·L here).
+    "drop-upcycling": dict(
+        method="drop",
+        experts=8,
+        top_k=2,
+        layers="all",
+        ratio=0.5,
+        renormalize=True,
+        router_init="uniform:0.0346",
+        aux_loss_weight=0.02,
+    ),
+    # The same paper's noise baseline: N(0, 0.02) added to r = 0.5 of the intermediate units per matrix.
+    "drop-upcycling-noise": dict(
+        method="noise",
+        experts=8,
+        top_k=2,
+        layers="all",
+        noise_mode="units",
+        noise_std=0.02,
+        noise_fraction=0.5,
+        renormalize=True,
+        router_init="uniform:0.0346",
+        aux_loss_weight=0.02,
+    ),
     # Komatsuzaki et al. 2023 with Mixtral routing: exact function preservation at initialisation.
     "naive": dict(method="naive", experts=8, top_k=2, layers="all", renormalize=True),
     # He et al. 2024: granular experts with virtual groups and weight scaling (E64 G8 T8 scaled down).

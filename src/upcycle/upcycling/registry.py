@@ -68,12 +68,13 @@ def output_scale(moe: MoE, granularity: int = 1) -> float:
     (weight scaling, He et al. 2024).
 
     A token picks k experts, i.e. k/G whole virtual groups (each group sums to the dense MLP); each
-    group is weighted by its experts' combine weight w. With renormalised scores (or top-k-then-softmax)
-    the k weights sum to 1, so the groups sum to 1/G of the dense output: scale by G, exact for any
-    router. With raw softmax probabilities w ≈ 1/E for a near-uniform initial router, so the groups sum
-    to about k/(G·E): scale by G·E/k, exact only for a perfectly uniform router.
+    group is weighted by its experts' combine weight w. With renormalised scores (or top-k-then-softmax,
+    or Fan et al.'s second softmax for sequence routing) the k weights sum to 1, so the groups sum to 1/G
+    of the dense output: scale by G, exact for any router. With raw softmax probabilities w ≈ 1/E for a
+    near-uniform initial router, so the groups sum to about k/(G·E): scale by G·E/k, exact only for a
+    perfectly uniform router.
     """
     cfg = moe.config
-    if cfg.score_order == "topk_softmax" or cfg.renormalize:
+    if cfg.weights_sum_to_one:
         return float(granularity)
     return granularity * cfg.num_experts / cfg.top_k
