@@ -66,8 +66,16 @@ def _other(what: str) -> str:
     return "training" if what == "routing" else "routing"
 
 
+def quiet_datasets() -> None:
+    """datasets' per-split progress bars would surround the command's one-line errors on stderr."""
+    from datasets.utils import disable_progress_bars
+
+    disable_progress_bars()
+
+
 def run(args) -> int:
     cfg = config_from_args(args)
+    quiet_datasets()
     if isinstance(cfg, RoutingAnalysisConfig):
         from upcycle.analysis.routing import analyze_routing
 

@@ -211,6 +211,22 @@ def load_columns(cfg: FertilityConfig, languages: list[str]) -> dict[str, list[l
     return columns
 
 
+def _model_config(name: str):
+    """A model folder's config, so a converted GPT-2 without tokenizer files gets GPT-2's tokenizer."""
+    from pathlib import Path
+
+    if not (Path(name).expanduser() / "config.json").is_file():
+        return None
+    from transformers import AutoConfig
+
+    import upcycle.models  # noqa: F401  (registers the MoE model types)
+
+    try:
+        return AutoConfig.from_pretrained(str(Path(name).expanduser()))
+    except (OSError, ValueError):
+        return None
+
+
 def measure(cfg: FertilityConfig) -> dict:
     """The fertility.json document (see the module docstring)."""
     from upcycle.analysis.routing_data import languages_of
@@ -219,7 +235,9 @@ def measure(cfg: FertilityConfig) -> dict:
     languages = languages_of(cfg.data, cfg.languages)
     loaded = languages if cfg.reference in languages else [cfg.reference, *languages]
     names = cfg.names or list(cfg.tokenizer)
-    tokenizers = {name: load_tokenizer(t) for name, t in zip(names, cfg.tokenizer)}
+    tokenizers = {
+        name: load_tokenizer(t, model_config=_model_config(t)) for name, t in zip(names, cfg.tokenizer)
+    }
     splitters = {lang: word_splitter(cfg.words, lang) for lang in loaded}
     columns = load_columns(cfg, loaded)
     out: dict = {
@@ -325,7 +343,10 @@ def config_from_args(args) -> FertilityConfig:
 
 
 def run(args) -> int:
+    from upcycle.analysis.cli import quiet_datasets
+
     cfg = config_from_args(args)
+    quiet_datasets()
     doc = fertility(cfg)
     for name, entry in doc["tokenizers"].items():
         shown = ", ".join(f"{lang} {_fmt(s['fertility'])}" for lang, s in entry["languages"].items())

@@ -79,32 +79,39 @@ class RoutingCounter:
         # As the layer does: with a cache the mask covers past + current tokens; ours are the last S.
         return attention_mask[:, -S:].reshape(-1).to(torch.float64)
 
-    @torch.no_grad()
-    def _count(self, index: int, module, shape: torch.Size, attention_mask: torch.Tensor | None) -> None:
+    def _groups_on(self, device: torch.device) -> torch.Tensor:
         if self._group_B is None:
             raise RuntimeError("RoutingCounter.set_groups() must be called before each forward pass")
+        if self._group_B.device != device:
+            self._group_B = self._group_B.to(device)  # once per batch, not once per layer
+        return self._group_B
+
+    def _accumulators(self, index: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        if index not in self.topk:
+            G, E = self.num_groups, self.num_experts[index]
+            self.topk[index] = torch.zeros(G, E, dtype=torch.float64, device=device)
+            self.top1[index] = torch.zeros(G, E, dtype=torch.float64, device=device)
+            self.tokens[index] = torch.zeros(G, dtype=torch.float64, device=device)
+        return self.topk[index], self.top1[index], self.tokens[index]
+
+    @torch.no_grad()
+    def _count(self, index: int, module, shape: torch.Size, attention_mask: torch.Tensor | None) -> None:
         ids_TK = module.last_routing.ids_TK
         T, K = ids_TK.shape
-        E, G = self.num_experts[index], self.num_groups
         device = ids_TK.device
         B = shape[0] if len(shape) == 3 else 1
-        group_T = self._group_B.to(device).repeat_interleave(T // B)
+        group_T = self._groups_on(device).repeat_interleave(T // B)
         mask_T = self._mask_T(module, shape, attention_mask)
         weight_T = (
             mask_T.to(device) if mask_T is not None else torch.ones(T, dtype=torch.float64, device=device)
         )
-        # One bincount over combined (group, expert) indices: (G·E,) counts, reshaped to (G, E).
-        cell_TK = group_T.unsqueeze(1) * E + ids_TK
-        topk = torch.bincount(cell_TK.reshape(-1), weight_T.repeat_interleave(K), minlength=G * E)
-        top1 = torch.bincount(cell_TK[:, 0], weight_T, minlength=G * E)
-        tokens = torch.bincount(group_T, weight_T, minlength=G)
-        if index not in self.topk:
-            self.topk[index] = torch.zeros(G, E, dtype=torch.float64, device=device)
-            self.top1[index] = torch.zeros(G, E, dtype=torch.float64, device=device)
-            self.tokens[index] = torch.zeros(G, dtype=torch.float64, device=device)
-        self.topk[index] += topk.view(G, E)
-        self.top1[index] += top1.view(G, E)
-        self.tokens[index] += tokens
+        topk, top1, tokens = self._accumulators(index, device)
+        # Flat (group, expert) cells of the (G, E) matrices. index_add_ rather than bincount: bincount reads
+        # the largest index back to the host to size its output, a device synchronisation per call.
+        cell_TK = group_T.unsqueeze(1) * self.num_experts[index] + ids_TK
+        topk.view(-1).index_add_(0, cell_TK.reshape(-1), weight_T.repeat_interleave(K))
+        top1.view(-1).index_add_(0, cell_TK[:, 0], weight_T)
+        tokens.index_add_(0, group_T, weight_T)
 
     def result(self) -> dict[int, dict[str, list]]:
         """{layer: {'topk': G×E ints, 'top1': G×E ints, 'tokens': G ints}} (layers that ran)."""

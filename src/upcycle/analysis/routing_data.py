@@ -99,7 +99,10 @@ def xnli_groups(data: str, languages: Sequence[str], split: str, group_by: str) 
     loaded = {}
     for lang in languages:
         ds = load_split(data, lang, split, field="data")
-        check_fields(ds, XNLI_TEXT_FIELDS, "label", where=f"{data} ({lang}, {split})")
+        try:
+            check_fields(ds, XNLI_TEXT_FIELDS, "label", where=f"{data} ({lang}, {split})")
+        except ConfigError as err:  # no --text-fields flag here: the data is what is wrong
+            raise ConfigError("data", data, f"'{err.value}' is {err.allowed}") from None
         loaded[lang] = ds
     description = {"data": data, "split": split, "languages": list(languages), "group_by": group_by}
     if group_by == "language":
