@@ -37,8 +37,9 @@ class RoutingAnalysisConfig:
     'domain' with --domain, else 'language'."""
     languages: str = "all"
     """XNLI languages to read: 'all' or a comma-separated list (en,fr,es)."""
-    split: str = "test"
-    """Split of the XNLI data (or of hub --domain sources)."""
+    split: str | None = None
+    """Split to read: default 'test' for XNLI data, 'validation' for hub --domain sources (local files
+    have no splits)."""
     domain: list[str] | None = None
     """A text domain as NAME=SOURCE (repeat the flag): a local file or folder of JSON lines, Parquet or
     text, or a hub dataset id, optionally with its configuration as HUB_ID:CONFIG."""
@@ -57,18 +58,22 @@ class RoutingAnalysisConfig:
     dtype: DType = "float32"
     """Model weights' dtype for the forward passes (routers compute in float32 whatever this is)."""
     names: list[str] | None = None
-    """Names of the models in the outputs, in order (default: folder or hub names)."""
+    """Names of the models (routing) or runs (training) in the outputs, in order (default: folder or hub
+    names)."""
     choice: Choice = "topk"
     """Counts the figures draw: every top-k choice ('topk', fractions sum to k per group) or the top-1
     choice ('top1'). routing.json always holds both."""
     out: str | None = None
-    """Output folder: routing.json, routing.md and the figures (PNG and SVG)."""
+    """Output folder (written whole at the end): routing.json, routing.md and figures for routing;
+    training.json, training.md and figures for training."""
     overwrite: bool = False
     """Replace an existing output folder."""
 
     def __post_init__(self) -> None:
         if self.group_by is None:
             self.group_by = "domain" if self.domain else "language"
+        if self.split is None:
+            self.split = "validation" if self.domain else "test"
         self.validate()
 
     def validate(self) -> None:
@@ -103,7 +108,8 @@ class TrainingAnalysisConfig:
     """An expert has collapsed where its share of the layer's assignments stays below this fraction of an
     even share 1/E (Fan et al. 2024's expert collapse)."""
     collapse_records: int = 3
-    """… for at least this many consecutive training records (all of them in a shorter run)."""
+    """Consecutive training records an expert's share must stay below that threshold to count as a
+    collapse (all the records, in a run that logged fewer)."""
     out: str | None = None
     """Output folder: training.json, training.md and the figures (PNG and SVG)."""
     overwrite: bool = False
