@@ -18,7 +18,7 @@ COMMANDS: dict[str, str] = {
     "pretrain": "upcycle.training.cli",
     "demo": "upcycle.demo",
     "analyze": "upcycle.analysis.cli",
-    "fertility": "upcycle.analysis.fertility",
+    "fertility": "upcycle.analysis.fertility_cli",
 }
 
 

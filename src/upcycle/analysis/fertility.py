@@ -33,9 +33,7 @@ split, languages, text_fields, words, reference}, "tokenizers": {NAME: {"languag
 table layout: languages as columns) and ``fertility.png``/``.svg`` (bars per language, tokenizers side by
 side).
 
-Examples:
-  upcycle fertility --tokenizer gpt2 --data facebook/xnli --languages all --split test --out fertility
-  upcycle fertility --tokenizer gpt2 meta-llama/Llama-3.2-1B --languages en,th,zh --words unicode --out fert
+The command-line entry is :mod:`upcycle.analysis.fertility_cli`.
 """
 
 from __future__ import annotations
@@ -45,14 +43,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from upcycle.analysis.config import FertilityConfig
-from upcycle.config import ConfigError, UserError, add_dataclass_flags
+from upcycle.config import ConfigError, UserError
 
-HELP = "tokenizer fertility per language: tokens per word, words split, tokenisation premium vs English"
 FORMAT = "upcycle-fertility/1"
-
-
-def add_arguments(parser) -> None:
-    add_dataclass_flags(parser, FertilityConfig)
 
 
 # --------------------------------------------------------------------------- words
@@ -334,25 +327,6 @@ def fertility(cfg: FertilityConfig) -> dict:
     with atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
         write_outputs(doc, tmp)
     return doc
-
-
-def config_from_args(args) -> FertilityConfig:
-    ns = dict(vars(args)) if not isinstance(args, dict) else dict(args)
-    names = {f for f in FertilityConfig.__dataclass_fields__}
-    return FertilityConfig(**{k: v for k, v in ns.items() if k in names and v is not None})
-
-
-def run(args) -> int:
-    from upcycle.analysis.cli import quiet_datasets
-
-    cfg = config_from_args(args)
-    quiet_datasets()
-    doc = fertility(cfg)
-    for name, entry in doc["tokenizers"].items():
-        shown = ", ".join(f"{lang} {_fmt(s['fertility'])}" for lang, s in entry["languages"].items())
-        print(f"{name}: tokens per word {shown}")
-    print(f"wrote {cfg.out}")
-    return 0
 
 
 __all__ = [
