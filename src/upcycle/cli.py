@@ -17,6 +17,8 @@ COMMANDS: dict[str, str] = {
     "export": "upcycle.models.export",
     "pretrain": "upcycle.training.cli",
     "demo": "upcycle.demo",
+    "analyze": "upcycle.analysis.cli",
+    "fertility": "upcycle.analysis.fertility_cli",
 }
 
 

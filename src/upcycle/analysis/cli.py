@@ -1,0 +1,93 @@
+"""Study trained models and runs: ``routing`` (which experts the tokens of each language, NLI label or text
+domain go to, per MoE layer) or ``training`` (loss curves, expert activation over training, validation
+accuracy per language, from run folders).
+
+Examples:
+  upcycle analyze routing runs/moe/final runs/moe-ft/best --data facebook/xnli --languages en,fr,es --out analysis/xnli
+  upcycle analyze routing moe-fr --group-by label --languages fr --max-tokens 50000 --out analysis/labels
+  upcycle analyze routing naive/final drop/final --domain en=c4-val.jsonl --domain code=stack.jsonl --out analysis/domains
+  upcycle analyze training runs/moe runs/dense --out analysis/training
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from upcycle.analysis.config import RoutingAnalysisConfig, TrainingAnalysisConfig
+from upcycle.config import ConfigError, add_dataclass_flags
+
+HELP = "routing per language / label / domain and layer, or training curves and expert activation of runs"
+
+_SHARED = ("names", "out", "overwrite")
+_ROUTING_ONLY = tuple(
+    f.name for f in dataclasses.fields(RoutingAnalysisConfig) if f.name not in (*_SHARED, "models")
+)
+_TRAINING_ONLY = tuple(
+    f.name for f in dataclasses.fields(TrainingAnalysisConfig) if f.name not in (*_SHARED, "runs")
+)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("analysis", choices=["routing", "training"], help="what to analyse")
+    parser.add_argument(
+        "inputs", nargs="+", help="routing: MoE model folders or hub ids; training: run folders"
+    )
+    add_dataclass_flags(parser, RoutingAnalysisConfig, skip=("models", *_ROUTING_ONLY))
+    routing = parser.add_argument_group("routing options")
+    add_dataclass_flags(routing, RoutingAnalysisConfig, skip=("models", "domain", *_SHARED))
+    routing.add_argument(
+        "--domain",
+        action="append",
+        default=None,
+        help="a text domain as NAME=SOURCE (repeat the flag): a file, a folder or a hub id (HUB_ID:CONFIG)",
+    )
+    training = parser.add_argument_group("training options")
+    add_dataclass_flags(training, TrainingAnalysisConfig, skip=("runs", *_SHARED))
+
+
+def config_from_args(args) -> RoutingAnalysisConfig | TrainingAnalysisConfig:
+    """The analysis's config from the parsed flags; a flag of the other analysis is an error."""
+    ns = dict(vars(args)) if not isinstance(args, dict) else dict(args)
+    what, inputs = ns.pop("analysis"), ns.pop("inputs")
+    cls, own, other = (
+        (RoutingAnalysisConfig, "models", _TRAINING_ONLY)
+        if what == "routing"
+        else (TrainingAnalysisConfig, "runs", _ROUTING_ONLY)
+    )
+    for name in other:
+        if ns.get(name) is not None:
+            raise ConfigError(name, ns[name], f"applies to 'upcycle analyze {_other(what)}' only")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in ns.items() if k in fields and v is not None}
+    return cls(**{own: list(inputs)}, **values)
+
+
+def _other(what: str) -> str:
+    return "training" if what == "routing" else "routing"
+
+
+def quiet_datasets() -> None:
+    """datasets' per-split progress bars would surround the command's one-line errors on stderr."""
+    from datasets.utils import disable_progress_bars
+
+    disable_progress_bars()
+
+
+def run(args) -> int:
+    cfg = config_from_args(args)
+    quiet_datasets()
+    if isinstance(cfg, RoutingAnalysisConfig):
+        from upcycle.analysis.routing import analyze_routing
+
+        result = analyze_routing(cfg)
+        layers = sum(len(r["layers"]) for r in result["models"].values())
+        print(
+            f"wrote {cfg.out}: routing of {len(result['models'])} model(s), {layers} MoE layer(s), "
+            f"{len(result['groups'])} {cfg.group_by} group(s)"
+        )
+    else:
+        from upcycle.analysis.training import analyze_training
+
+        result = analyze_training(cfg)
+        print(f"wrote {cfg.out}: {len(result['runs'])} run(s)")
+    return 0
