@@ -23,7 +23,9 @@ from huggingface_hub.dataclasses import strict
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import (
+    MODEL_MAPPING,
     AutoConfig,
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     GPT2Config,
@@ -380,3 +382,8 @@ def register() -> None:
             continue  # already registered
         AutoModelForCausalLM.register(fam.config_cls, fam.causal_lm_cls)
         AutoModelForSequenceClassification.register(fam.config_cls, fam.seq_cls_cls)
+        # The heads of Llama-family classifiers build their body with AutoModel.from_config: the body is
+        # the dense model's (the MoE layers are installed by the head's mixin afterwards).
+        dense_body = MODEL_MAPPING[fam.config_cls.__mro__[1]]
+        body = type(f"MoE{dense_body.__name__}Body", (dense_body,), {"config_class": fam.config_cls})
+        AutoModel.register(fam.config_cls, body)
