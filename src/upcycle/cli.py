@@ -88,9 +88,11 @@ def _suggestion(word: str, choices) -> str:
 
 
 def _option_for_dest(parser, dest: str) -> str:
+    """The flag of a destination (``moe__capacity_factor`` → ``--capacity-factor``); a positional
+    argument's name as its help shows it."""
     for action in parser._actions:
-        if action.dest == dest and action.option_strings:
-            return max(action.option_strings, key=len)
+        if action.dest == dest:
+            return max(action.option_strings, key=len) if action.option_strings else action.metavar or dest
     return "--" + dest.split("__")[-1].replace("_", "-")
 
 
@@ -108,8 +110,13 @@ def explain_parse_error(parser, exc: BaseException) -> str:
     m = re.match(r"unrecognized arguments: (\S+)", message)
     if m and m.group(1).startswith("-"):
         flag = m.group(1).split("=")[0]
-        options = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
-        return f"unknown option {flag}{_suggestion(flag, options)}; see 'upcycle {parser.prog.split()[-1]} --help'"
+        options = [s[2:] for a in parser._actions for s in a.option_strings if s.startswith("--")]
+        hint = _suggestion(flag.lstrip("-"), options).replace(" '", " '--")
+        return f"unknown option {flag}{hint}; see 'upcycle {parser.prog.split()[-1]} --help'"
+    m = re.match(r"the following arguments are required: (.*)$", message)
+    if m:
+        names = [_option_for_dest(parser, n.strip()) for n in m.group(1).split(",")]
+        return f"the following arguments are required: {', '.join(names)}"
     m = re.match(r"argument (\S+): invalid choice: '([^']*)' \(choose from (.*)\)$", message)
     if m:
         choices = [c.strip().strip("'") for c in m.group(3).split(",")]

@@ -417,13 +417,12 @@ def _field_default(f: dataclasses.Field) -> Any:
 
 
 def flag_help(doc: str, default: Any) -> str:
-    """Help text of a flag: the field's docstring and its effective default (argparse's %-formatting
-    escaped, so a docstring may say "15 %")."""
+    """Help text of a flag: the field's docstring and its effective default."""
     shown = describe_default(default)
     text_ = doc
     if shown is not None and "default" not in doc.lower():
         text_ = f"{doc} (default: {shown})" if doc else f"default: {shown}"
-    return text_.replace("%", "%%")
+    return text_
 
 
 def add_dataclass_flags(

@@ -73,8 +73,16 @@ def load_tokenizer(name: str, *, model_config=None):
     no network round trips that an offline cluster would only retry), then the Hub. ``gpt2-offline``
     always builds it offline. A model folder without a usable tokenizer whose config is a GPT-2-family
     model with GPT-2's vocabulary (a converted or test model) also gets GPT-2's tokenizer; anything else
-    that cannot be loaded raises a UserError asking for ``--tokenizer``.
+    that cannot be loaded raises a UserError asking for ``--tokenizer``. With ``model_config``, the
+    tokenizer gets the model's pad token when it has none (:func:`align_pad_token`), so the checkpoints
+    a run saves carry it.
     """
+    tokenizer = _load_tokenizer(name, model_config)
+    align_pad_token(tokenizer, model_config)
+    return tokenizer
+
+
+def _load_tokenizer(name: str, model_config):
     from transformers import AutoTokenizer
 
     if name == "gpt2-offline":
