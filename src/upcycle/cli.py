@@ -102,7 +102,7 @@ def explain_parse_error(parser, exc: BaseException) -> str:
     message = " ".join(str(exc).split())
     # jsonargparse's own type check (a plain ``type=int`` in add_argument): 'Parser key "x": Expected a
     # <class 'int'>. Got value: y'.
-    m = re.match(r'Parser key "([^"]+)":\s*Expected a <class \'(\w+)\'>\. Got value: (.*)$', message)
+    m = re.match(r'Parser key "([^"]+)":\s*Expected a <class \'(\w+)\'>\. Got value:\s*(.*)$', message)
     if m:
         names = {"int": "integer", "float": "number", "str": "text", "bool": "true or false"}
         kind = names.get(m.group(2), m.group(2))
@@ -140,6 +140,8 @@ def format_error(err: BaseException) -> str:
     from upcycle.config import ConfigError, first_line
 
     if isinstance(err, ConfigError):
+        if not str(err.field).isprintable():  # a YAML key with a line break or control character
+            err.field = repr(err.field)
         if err.source:  # a key of a YAML file, named as written there
             return f"{err.source}: {err.field}={err.value!r} is invalid: {first_line(err.allowed)}"
         return f"{_field_to_flag(err.field)}={err.value!r} is invalid: {first_line(err.allowed)}"
@@ -148,8 +150,10 @@ def format_error(err: BaseException) -> str:
     return first_line(err)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def main(argv: list[str | os.PathLike] | None = None) -> int:
+    argv = [
+        os.fspath(a) if isinstance(a, os.PathLike) else a for a in (sys.argv[1:] if argv is None else argv)
+    ]
     try:
         return _main(argv)
     except KeyboardInterrupt:
