@@ -88,9 +88,9 @@ def _options(name: str):
 def flag_arguments(draw, name: str) -> list[str]:
     flags, positionals = _options(name)
     argv: list[str] = []
-    for _ in positionals:
+    for action in positionals:
         if draw(st.integers(0, 9)):  # sometimes missing
-            argv.append(draw(VALUE))
+            argv.append(draw(_flag_value(action)))
     for action in draw(st.lists(st.sampled_from(flags), max_size=5)) if flags else []:
         option = draw(st.sampled_from(action.option_strings))
         if action.nargs == 0:

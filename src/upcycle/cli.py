@@ -41,9 +41,21 @@ def _help_formatter():
             return "".join(indent + line for line in text.splitlines(keepends=True))
 
         def _get_help_string(self, action):
+            from upcycle.config import describe_default
+
             text = action.help or ""
             if action.required and action.option_strings:
                 text += " (required)"
+            # A plain add_argument with a real default (dataclass flags default to None and already
+            # show the field's default in their help).
+            switch_off = action.nargs == 0 and action.default is False  # a plain --flag
+            shown = (
+                None
+                if action.default is argparse.SUPPRESS or switch_off
+                else describe_default(action.default)
+            )
+            if shown is not None and action.option_strings and "default" not in text.lower():
+                text += f" (default: {shown})"
             return text
 
     return HelpFormatter

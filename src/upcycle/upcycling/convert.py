@@ -8,7 +8,6 @@ chosen method → measure function preservation on a fixed probe batch → write
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -333,16 +332,14 @@ def convert(opts: UpcycleConfig, progress: bool = True) -> UpcycleResult:
 
 
 def options_from(preset_name: str | None = None, **overrides) -> UpcycleConfig:
-    """UpcycleConfig from a preset plus overrides (None values are ignored)."""
+    """UpcycleConfig from a preset plus overrides (None values are ignored); unknown or mistyped option
+    names are refused with a suggestion."""
+    from upcycle.config import from_dict
     from upcycle.upcycling.options import preset
 
     base = preset(preset_name) if preset_name else {}
     base.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(UpcycleConfig)}
-    unknown = sorted(set(base) - known)
-    if unknown:
-        raise ConfigError(unknown[0], base[unknown[0]], f"unknown option; known: {', '.join(sorted(known))}")
-    return UpcycleConfig(**base)
+    return from_dict(UpcycleConfig, base)
 
 
 __all__ = [
