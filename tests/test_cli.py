@@ -105,23 +105,32 @@ def test_argument_errors_name_flag_value_and_type(capsys, tmp_path, monkeypatch,
 
 
 def test_help_and_argument_errors_import_nothing_heavy(tmp_path):
-    """The user's start-up path: `python -m upcycle` (as the console script), only the command's module."""
+    """The user's start-up paths, `python -m upcycle` and the console script `upcycle` (what pip writes):
+    parsing imports only the command's module, never torch or transformers."""
+    script = tmp_path / "bin" / "upcycle"
+    script.parent.mkdir()
+    script.write_text("import sys\nfrom upcycle.cli import main\nsys.exit(main())\n")
     probes = [["--help"], [], ["convert", "--experts", "eight"]] + [[name, "--help"] for name in COMMANDS]
-    for argv in probes:
-        result = subprocess.run(
-            [sys.executable, "-X", "importtime", "-m", "upcycle", *argv],
-            cwd=tmp_path,
-            env=subprocess_env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert result.returncode in (0, 2), result.stderr[-2000:]
-        imported = result.stderr
-        modules = {
-            line.split("|")[-1].strip() for line in imported.splitlines() if line.startswith("import time:")
-        }
-        assert not modules & set(HEAVY), f"upcycle {' '.join(argv)} imported {sorted(modules & set(HEAVY))}"
+    for entry in (["-m", "upcycle"], [str(script)]):
+        for argv in probes if entry[0] == "-m" else probes[:3]:
+            result = subprocess.run(
+                [sys.executable, "-X", "importtime", *entry, *argv],
+                cwd=tmp_path,
+                env=subprocess_env(),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert result.returncode in (0, 2), result.stderr[-2000:]
+            modules = {
+                line.split("|")[-1].strip()
+                for line in result.stderr.splitlines()
+                if line.startswith("import time:")
+            }
+            assert "upcycle.cli" in modules
+            assert not modules & set(HEAVY), (
+                f"upcycle {' '.join(argv)} imported {sorted(modules & set(HEAVY))}"
+            )
 
 
 def test_import_upcycle_still_registers_the_model_types(tmp_path):

@@ -14,10 +14,13 @@ its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import re
+import signal
 import sys
+import threading
 
 COMMANDS: dict[str, str] = {
     "convert": "upcycle.upcycling.cli",
@@ -162,6 +165,28 @@ def format_error(err: BaseException) -> str:
     return first_line(err)
 
 
+@contextlib.contextmanager
+def _ctrl_c_exits_at_once():
+    """While torch and transformers import (seconds, partly in C code, and library code there can lose
+    the KeyboardInterrupt a Ctrl-C raises): Ctrl-C ends the process at once with status 130. Nothing has
+    been written yet, so there is nothing to clean up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def leave(signum, frame):
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, leave)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def main(argv: list[str | os.PathLike] | None = None) -> int:
     argv = [
         os.fspath(a) if isinstance(a, os.PathLike) else a for a in (sys.argv[1:] if argv is None else argv)
@@ -214,12 +239,13 @@ def _run(name: str, args) -> int:
     try:
         if hasattr(module, "check"):
             module.check(args)
-        import upcycle
+        with _ctrl_c_exits_at_once():
+            import upcycle
 
-        upcycle.register_model_types()
-        from transformers.utils import logging as hf_logging
+            upcycle.register_model_types()
+            from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
+            hf_logging.disable_progress_bar()
         return int(module.run(args) or 0)
     except (ConfigError, UserError, OSError) as err:
         print(f"error: {format_error(err)}", file=sys.stderr)
