@@ -1,14 +1,15 @@
 """The ``upcycle`` command: one thin table from sub-command to the module that implements it.
 
 Each module provides ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``, and imports
-heavy modules (torch, transformers, datasets, matplotlib) only inside ``run``: only the command that runs
+heavy modules (torch, transformers, datasets, matplotlib) only inside ``run``. Only the command that runs
 is imported, so ``--help`` and argument errors answer at once (issue 11). A module may also provide
 ``check(args)``: validation that needs no heavy module (options, YAML, names and files), run before the
 MoE model types are registered (which imports torch and transformers), so those mistakes are reported at
-once too; ``run`` may repeat it. Errors a user can fix (bad option
-values, missing files, unsupported models) are printed as one line naming the flag or file and what is
-allowed, with exit status 2; Ctrl-C exits with 130 without a traceback; anything else is a bug and keeps
-its traceback.
+once too; ``run`` may repeat it.
+
+Errors a user can fix (bad option values, unknown YAML keys, missing files, unreachable names, corrupt
+weights) are printed as one line naming the flag, key or file and what is allowed, with exit status 2;
+Ctrl-C exits with 130 without a traceback; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -135,7 +136,10 @@ def explain_parse_error(parser, exc: BaseException) -> str:
     m = re.match(r"argument (\S+): invalid choice: '([^']*)' \(choose from (.*)\)$", message)
     if m:
         choices = [c.strip().strip("'") for c in m.group(3).split(",")]
-        return f"argument {m.group(1)}: invalid choice: {m.group(2)!r}{_suggestion(m.group(2), choices)}; choose from {', '.join(choices)}"
+        hint = _suggestion(m.group(2), choices)
+        return (
+            f"argument {m.group(1)}: invalid choice: {m.group(2)!r}{hint}; choose from {', '.join(choices)}"
+        )
     return message
 
 
@@ -215,9 +219,9 @@ def _main(argv: list[str]) -> int:
         print(f"upcycle {__version__}")
         return 0
     if argv[0] not in COMMANDS:
+        hint = _suggestion(argv[0], COMMANDS)
         print(
-            f"error: unknown command '{argv[0]}'{_suggestion(argv[0], COMMANDS)}; commands are {', '.join(COMMANDS)}",
-            file=sys.stderr,
+            f"error: unknown command '{argv[0]}'{hint}; commands are {', '.join(COMMANDS)}", file=sys.stderr
         )
         return 2
     name = argv[0]
