@@ -46,7 +46,8 @@ def test_help_shows_effective_defaults_and_value_names(capsys, name):
     assert code == 0
     assert "default: null" not in out and "default: None" not in out
     # Metavars are value names, never internal destinations (moe__capacity_factor → MOE__CAPACITY_FACTOR).
-    assert "__" not in out.split("options:")[0]
+    usage_block = out.split("\n\n")[0]
+    assert usage_block.startswith(f"usage: upcycle {name}") and "__" not in usage_block
     assert "Traceback" not in out
 
 

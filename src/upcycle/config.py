@@ -151,8 +151,8 @@ def check_value(name: str, tp: Any, value: Any, *, source: str | None = None) ->
     if base is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
+        if isinstance(value, os.PathLike) or isinstance(value, (int, float)) and not isinstance(value, bool):
+            return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
         raise bad()
     origin = get_origin(base)
     if origin in (list, tuple) or base in (list, tuple):
