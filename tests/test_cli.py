@@ -134,23 +134,6 @@ def test_help_and_argument_errors_import_nothing_heavy(tmp_path):
             )
 
 
-def test_import_upcycle_still_registers_the_model_types(tmp_path):
-    code = (
-        "import upcycle, transformers\n"
-        "from transformers.models.auto.configuration_auto import CONFIG_MAPPING\n"
-        "assert 'moe_gpt2' in CONFIG_MAPPING and 'moe_llama' in CONFIG_MAPPING\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=tmp_path,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-
-
 def test_ctrl_c_during_start_up_exits_130_quietly(capsys, monkeypatch):
     def interrupted(name):
         raise KeyboardInterrupt

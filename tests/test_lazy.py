@@ -9,6 +9,9 @@ from tests.clitools import subprocess_env
 
 CHECK = """
 import sys, types
+import upcycle                                        # outside the command line: registers at once
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+assert "moe_gpt2" in CONFIG_MAPPING and "moe_llama" in CONFIG_MAPPING
 import upcycle.upcycling.convert                      # the submodule first...
 from upcycle.upcycling import convert, UpcycleConfig  # ...the package name is still the function
 assert isinstance(convert, types.FunctionType), convert
@@ -42,7 +45,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_exports_resolve_whatever_the_import_order():
+def test_import_registers_and_exports_resolve_whatever_the_import_order():
     result = _python(CHECK)
     assert result.returncode == 0, result.stderr
 
