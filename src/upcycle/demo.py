@@ -35,12 +35,12 @@ def run(args) -> int:
 
     from upcycle.analysis.inspect import inspect_checkpoint, render
     from upcycle.data.tokenizers import gpt2_tokenizer_offline
-    from upcycle.io import atomic_output_dir
+    from upcycle.io import atomic_output_dir, expand_path
     from upcycle.models.export import export
     from upcycle.training import PretrainConfig, pretrain
     from upcycle.upcycling import UpcycleConfig, convert, preset
 
-    out = Path(args.out)
+    out = expand_path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
 

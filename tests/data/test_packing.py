@@ -11,7 +11,7 @@ import torch
 from tests.data.corpus import make_texts, write_jsonl
 from upcycle.config import ConfigError, UserError
 from upcycle.data.packing import PackedBlocks, PipelineState, Prefetcher
-from upcycle.data.sources import DocumentStream, resolve_source
+from upcycle.data.sources import DocumentStream, SourceSpec, resolve_source
 from upcycle.data.tokenizers import gpt2_tokenizer_offline
 
 EOS = 50256
@@ -155,8 +155,12 @@ def test_source_errors_name_the_flag(tmp_path, jsonl, tok):
     assert err.value.field == "text_field" and "text, id" in err.value.allowed
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
+    # Refused when resolved (before a run writes anything), and by the stream for files too large or
+    # compressed to look into first.
+    with pytest.raises(ConfigError, match="the file has no documents"):
+        resolve_source(str(empty), None, "train", "text")
     with pytest.raises(UserError, match="no non-empty documents"):
-        DocumentStream(resolve_source(str(empty), None, "train", "text")).take(1)
+        DocumentStream(SourceSpec(str(empty), None, "train", "text", "text", (str(empty),))).take(1)
     # A hub id is not resolved locally (opened lazily, streamed).
     spec = resolve_source("allenai/c4", "en", "validation", "text")
     assert not spec.is_local and spec.describe() == "allenai/c4 (en, validation)"

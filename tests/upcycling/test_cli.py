@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import stat
+from pathlib import Path
 
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from tests.clitools import enter_workdir, refused
 from upcycle.analysis.accounting import account
 from upcycle.cli import main
 
@@ -152,3 +157,152 @@ def test_export_via_cli(sources, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "z_loss_weight=0.001" in printed  # training-only settings that were dropped are listed
     assert AutoConfig.from_pretrained(tmp_path / "mx").model_type == "mixtral"
+
+
+# --------------------------------------------------------------------------- issue 11: a newcomer's mistakes
+
+
+@pytest.mark.parametrize(
+    "yaml_text,needles",
+    [
+        ("expertz: 3\n", ["cfg.yaml", "expertz=3", "did you mean experts?"]),
+        ("top_kk: 1\n", ["cfg.yaml", "top_kk", "did you mean top_k?"]),
+        ("num_experts: 4\n", ["cfg.yaml", "num_experts", "did you mean experts?"]),
+        ("experts: eight\n", ["cfg.yaml", "experts='eight'", "expected an integer"]),
+        ("ratio: '0.5'\n", ["cfg.yaml", "ratio='0.5'", "expected a number"]),
+        ("renormalize: 'no'\n", ["cfg.yaml", "renormalize='no'", "true or false"]),
+        ("moe:\n  router_typ: mlp\n", ["cfg.yaml", "moe.router_typ", "did you mean moe.router_type?"]),
+        ("moe:\n  num_experts: 4\n", ["cfg.yaml", "moe.num_experts", "top-level 'experts'"]),
+        ("method: dorp\n", ["cfg.yaml", "method='dorp'", "did you mean 'drop'?"]),
+        ("experts: [\n", ["--config", "cfg.yaml", "not valid YAML"]),
+    ],
+)
+def test_convert_yaml_mistakes_are_one_line(sources, tmp_path, monkeypatch, capsys, yaml_text, needles):
+    enter_workdir(tmp_path, monkeypatch)
+    Path("cfg.yaml").write_text(yaml_text)
+    refused(
+        capsys,
+        tmp_path,
+        ["convert", "--model", sources["gpt2"], "--config", "cfg.yaml", "--out", "o"],
+        *needles,
+    )
+
+
+def test_convert_names_a_truncated_weights_file(sources, tmp_path, monkeypatch, capsys):
+    enter_workdir(tmp_path, monkeypatch)
+    bad = Path("bad")
+    bad.mkdir()
+    for f in Path(sources["gpt2"]).iterdir():
+        data = f.read_bytes()
+        (bad / f.name).write_bytes(data[: len(data) // 3] if f.suffix == ".safetensors" else data)
+    refused(
+        capsys, tmp_path, ["convert", "--model", "bad", "--out", "o"], "bad/model.safetensors", "truncated"
+    )
+
+
+def test_convert_mistyped_local_name_fails_fast(tmp_path, monkeypatch, capsys):
+    enter_workdir(tmp_path, monkeypatch)
+    refused(capsys, tmp_path, ["convert", "--model", "dnese", "--out", "o"],
+            "--model='dnese'", "no local folder 'dnese', and the hub could not be reached")  # fmt: skip
+    refused(
+        capsys,
+        tmp_path,
+        ["convert", "--model", "./dnese", "--out", "o"],
+        "--model='./dnese'",
+        "no such model folder",
+    )
+
+
+def test_a_method_option_that_does_not_apply_is_refused_or_not_recorded(
+    sources, tmp_path, monkeypatch, capsys
+):
+    enter_workdir(tmp_path, monkeypatch)
+    refused(capsys, tmp_path, ["convert", "--model", sources["gpt2"], "--method", "naive", "--ratio", "0.3", "--out", "o"],
+            "--ratio=0.3", "method 'drop' only", "'naive'")  # fmt: skip
+    refused(capsys, tmp_path, ["convert", "--model", sources["gpt2"], "--noise-std", "0.1", "--out", "o"],
+            "--noise-std=0.1", "method 'noise' only")  # fmt: skip
+    # From a preset or YAML (shared by several methods) it is accepted, but only what was used is recorded.
+    Path("base.yaml").write_text("ratio: 0.3\nnoise_std: 0.2\n")
+    args = ["convert", "--model", sources["gpt2"], "--config", "base.yaml", "--quiet", "--method"]
+    assert main([*args, "naive", "--out", "naive"]) == 0
+    options = json.loads(Path("naive/upcycling.json").read_text())["options"]
+    assert not {"ratio", "index_sharing", "noise_std", "noise_fraction", "granularity"} & set(options)
+    assert options["weight_scaling"] is False and options["experts"] == 8
+    assert main([*args, "drop", "--out", "drop"]) == 0
+    options = json.loads(Path("drop/upcycling.json").read_text())["options"]
+    assert options["ratio"] == 0.3 and options["index_sharing"] == "expert" and "noise_std" not in options
+
+
+def test_convert_expands_home_and_records_absolute_sources(sources, tmp_path, monkeypatch, capsys):
+    enter_workdir(tmp_path, monkeypatch)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(sources["gpt2"], tmp_path / "dense")
+    assert main(["convert", "--model", "~/dense", "--out", "~/moe", "--quiet"]) == 0
+    record = json.loads((tmp_path / "moe" / "upcycling.json").read_text())
+    assert record["sources"] == [str(tmp_path / "dense")] and record["sources_as_given"] == ["~/dense"]
+    assert not Path("~").exists()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the record works from any folder
+    assert main(["convert", "--model", "../dense", "--out", "moe2", "--quiet"]) == 0
+    assert json.loads(Path("moe2/upcycling.json").read_text())["sources"] == [str(tmp_path / "dense")]
+
+
+def test_converted_tokenizer_pads_with_the_models_pad_token(tmp_path, monkeypatch, capsys):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from upcycle.data.tokenizers import gpt2_tokenizer_offline
+
+    enter_workdir(tmp_path, monkeypatch)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, n_positions=32)).save_pretrained("dense")
+    gpt2_tokenizer_offline().save_pretrained("dense")
+    assert AutoTokenizer.from_pretrained("dense").pad_token is None  # GPT-2 has none
+    assert (
+        main(["convert", "--model", "dense", "--out", "moe", "--experts", "2", "--top-k", "1", "--quiet"])
+        == 0
+    )
+    config, tok = AutoConfig.from_pretrained("moe"), AutoTokenizer.from_pretrained("moe")
+    assert config.pad_token_id == config.eos_token_id == tok.pad_token_id == 50256
+    batch = tok(["Hello", "Hello wide world"], padding=True)
+    assert batch["input_ids"][0][-1] == config.pad_token_id and batch["attention_mask"][0][-1] == 0
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_converted_folder_is_readable_by_the_group_under_umask_022(sources, tmp_path, monkeypatch):
+    enter_workdir(tmp_path, monkeypatch)
+    old = os.umask(0o022)
+    try:
+        assert main(["convert", "--model", sources["gpt2"], "--out", "moe", "--quiet"]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(Path("moe").stat().st_mode) == 0o755
+    assert {stat.S_IMODE(f.stat().st_mode) for f in Path("moe").iterdir()} == {0o644}
+
+
+@pytest.mark.parametrize("fmt,layers,extra", [("mixtral", "all", []),
+                                              ("qwen2_moe", "0,3", ["--shared-experts", "1", "--shared-expert-gate"])])  # fmt: skip
+def test_inspect_reads_a_native_export_like_its_source(sources, tmp_path, capsys, fmt, layers, extra):
+    moe, native = tmp_path / "moe", tmp_path / fmt
+    assert main(["convert", "--model", sources["llama"], "--method", "naive", "--experts", "4", "--top-k", "2",
+                 "--layers", layers, "--out", moe, "--quiet", *extra]) == 0  # fmt: skip
+    assert main(["export", moe, "--format", fmt, "--out", native]) == 0
+    capsys.readouterr()
+    infos = []
+    for path in (moe, native):
+        assert main(["inspect", path, "--json", "--seq-len", "16"]) == 0
+        infos.append(json.loads(capsys.readouterr().out))
+    ours, theirs = infos
+    assert theirs["model_type"] == fmt and "moe" in theirs
+    for key in ("layers", "num_experts", "top_k", "intermediate_size", "num_shared_experts", "renormalize"):
+        assert theirs["moe"][key] == ours["moe"][key], key
+    assert theirs["parameters"] == ours["parameters"]  # total and active: the same model
+    assert theirs["parameters"]["active"] < theirs["parameters"]["total"]
+    assert theirs["flops_per_token"] == pytest.approx(ours["flops_per_token"])
+    assert main(["inspect", native]) == 0
+    assert f"MoE layers: {len(ours['moe']['layers'])} of 4" in capsys.readouterr().out
+
+
+def test_inspect_mistakes_are_one_line(tmp_path, monkeypatch, capsys):
+    enter_workdir(tmp_path, monkeypatch)
+    refused(capsys, tmp_path, ["inspect", "x", "--seq-len", "abc"], "--seq-len", "'abc'", "integer")
+    refused(capsys, tmp_path, ["inspect", "./missing"], "PATH='./missing'", "no such model folder")
+    refused(capsys, tmp_path, ["inspect", "dnese"], "no local folder 'dnese'")

@@ -1,45 +1,127 @@
 """Show an MoE (or dense) checkpoint's layout, router settings, parameters, FLOPs and upcycling record.
 
 Reads config.json only; parameters are counted on a model built on the meta device, so inspecting a
-multi-billion-parameter checkpoint takes a second and no memory.
+multi-billion-parameter checkpoint takes a second and no memory. Native Hugging Face Mixtral and
+Qwen2-MoE checkpoints (``upcycle export`` writes them) are read too, so an export can be compared with its
+source (issue 11).
+
+Examples:
+  upcycle inspect gpt2-moe
+  upcycle inspect mixtral-export --json --seq-len 2048
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
-import torch
 
 HELP = "show an MoE checkpoint's layout, routing, total/active parameters and FLOPs per token"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("path", help="checkpoint folder (or hub id)")
+    from upcycle.config import integer
+
+    parser.add_argument("path", metavar="PATH", help="checkpoint folder (or hub id)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser.add_argument(
-        "--seq-len", type=int, default=None, help="sequence length for FLOPs (default: context size)"
+        "--seq-len",
+        type=integer,
+        default=None,
+        metavar="SEQ_LEN",
+        help="sequence length for FLOPs (default: the model's context size)",
     )
 
 
+def native_moe(config) -> tuple[list[int], dict] | None:
+    """(MoE layer indices, MoEConfig fields) of a native Mixtral or Qwen2-MoE config, or None for others.
+
+    The inverse of ``upcycle.models.export.target_config``: Mixtral is MoE in every layer with
+    renormalised softmax-then-top-k; Qwen2-MoE is sparse where ``(i + 1) % decoder_sparse_step == 0`` and
+    ``i`` is not in ``mlp_only_layers``, with one sigmoid-gated shared expert of
+    ``shared_expert_intermediate_size`` units.
+    """
+    n = config.num_hidden_layers
+    common = dict(
+        hidden_size=config.hidden_size,
+        expert_type="glu",
+        activation=getattr(config, "hidden_act", "silu"),
+        expert_bias=False,
+        top_k=config.num_experts_per_tok,
+        aux_loss_weight=float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0),
+    )
+    if config.model_type == "mixtral":
+        fields = dict(
+            common,
+            intermediate_size=config.intermediate_size,
+            num_experts=config.num_local_experts,
+            renormalize=True,
+            router_jitter=float(getattr(config, "router_jitter_noise", 0.0) or 0.0),
+        )
+        return list(range(n)), fields
+    if config.model_type == "qwen2_moe":
+        step = getattr(config, "decoder_sparse_step", 1) or 1
+        dense = set(getattr(config, "mlp_only_layers", None) or [])
+        layers = [i for i in range(n) if i not in dense and config.num_experts > 0 and (i + 1) % step == 0]
+        shared = int(getattr(config, "shared_expert_intermediate_size", 0) or 0)
+        fields = dict(
+            common,
+            intermediate_size=config.moe_intermediate_size,
+            num_experts=config.num_experts,
+            renormalize=bool(config.norm_topk_prob),
+            num_shared_experts=1 if shared else 0,
+            shared_intermediate_size=shared or None,
+            shared_expert_gate=bool(shared),
+        )
+        return layers, fields
+    return None
+
+
+def _moe_view(config):
+    """``(config for accounting, MoE layers, MoEConfig)``: our MoE types as stored, native ones translated."""
+    from types import SimpleNamespace
+
+    from upcycle.moe.config import MoEConfig
+
+    moe_layers = list(getattr(config, "moe_layers", None) or [])
+    if moe_layers:
+        from upcycle.models.modeling import moe_config_of
+
+        return config, moe_layers, moe_config_of(config)
+    native = native_moe(config)
+    if native is None or not native[0]:
+        return config, [], None
+    layers, fields = native
+    m = MoEConfig(**fields)
+    view = SimpleNamespace(**config.to_dict())
+    view.moe, view.moe_layers = m.to_dict(), layers
+    return view, layers, m
+
+
 def inspect_checkpoint(path: str, seq_len: int | None = None) -> dict:
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import upcycle  # noqa: F401  (registers the MoE model types)
+    import upcycle.models.modeling  # noqa: F401  (registers the MoE model types)
     from upcycle.analysis.accounting import account
-    from upcycle.config import UserError
-    from upcycle.models.modeling import moe_config_of
+    from upcycle.config import ConfigError, UserError
+    from upcycle.models.loading import first_line, model_source
 
-    if Path(path).exists() and not (Path(path) / "config.json").is_file():
-        raise UserError(f"'{path}' has no config.json: not a Hugging Face checkpoint folder")
+    if seq_len is not None and seq_len < 1:
+        raise ConfigError("seq_len", seq_len, "must be a positive integer")
+    source = model_source(path, flag="PATH")
     try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read checkpoint config from '{path}': {str(exc).splitlines()[0]}") from exc
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"cannot read checkpoint config from '{path}': {first_line(exc)}") from exc
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError) as exc:  # not a causal LM architecture transformers knows
+        raise UserError(
+            f"'{path}' ({config.model_type}) is not a causal language model: {first_line(exc)}"
+        ) from exc
     total = sum(p.numel() for p in model.parameters())
-    acc = account(config, total, seq_len)
+    view, moe_layers, m = _moe_view(config)
+    acc = account(view, total, seq_len)
     info: dict = {
         "path": str(path),
         "model_type": config.model_type,
@@ -49,9 +131,7 @@ def inspect_checkpoint(path: str, seq_len: int | None = None) -> dict:
         "flops_per_token": {"forward": acc.flops_per_token, "dense_equivalent": acc.dense_flops_per_token},
         "flops_seq_len": acc.seq_len,
     }
-    moe_layers = list(getattr(config, "moe_layers", None) or [])
     if moe_layers:
-        m = moe_config_of(config)
         info["moe"] = {"layers": moe_layers, **m.to_dict()}
         if m.has_router:
             from upcycle.moe.losses import equivalent_aux_loss_weights

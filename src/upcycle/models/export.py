@@ -12,11 +12,17 @@ Mapping (per MoE layer i, E experts, expert width F):
   (Qwen2-MoE) shared experts, concatenated    → model.layers.i.mlp.shared_expert.*          (S·F)
   (Qwen2-MoE) shared_expert_gate              → model.layers.i.mlp.shared_expert_gate
 Everything else keeps its name.
+
+Example:
+  upcycle export llama-moe --format mixtral --out llama-moe-mixtral
 """
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 HELP = "export an MoE checkpoint to native Hugging Face Mixtral or Qwen2-MoE format"
 
@@ -24,9 +30,11 @@ FORMATS = ("mixtral", "qwen2_moe")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("path", help="MoE checkpoint folder written by `upcycle convert` or training")
+    parser.add_argument(
+        "path", metavar="PATH", help="MoE checkpoint folder written by `upcycle convert` or training"
+    )
     parser.add_argument("--format", required=True, choices=list(FORMATS), help="target architecture")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, metavar="OUT", help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
 
 
@@ -165,8 +173,16 @@ def _sparse_step(moe_layers: list[int], n: int) -> int | None:
     return None
 
 
-@torch.no_grad()
 def export_state_dict(model, fmt: str) -> dict[str, torch.Tensor]:
+    import torch
+
+    with torch.no_grad():
+        return _export_state_dict(model, fmt)
+
+
+def _export_state_dict(model, fmt: str) -> dict[str, torch.Tensor]:
+    import torch
+
     from upcycle.models.mapping import stacked_glu_experts
 
     state: dict[str, torch.Tensor] = {}
@@ -205,17 +221,19 @@ def export(path: str, fmt: str, out: str, overwrite: bool = False) -> list[str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
-    import upcycle  # noqa: F401
+    import upcycle.models.modeling  # noqa: F401  (registers the MoE model types)
     from upcycle.config import ConfigError, UserError
     from upcycle.io import atomic_output_dir, check_output_dir
+    from upcycle.models.loading import first_line, load_errors, model_source
 
     if fmt not in FORMATS:
         raise ConfigError("format", fmt, f"allowed values are {', '.join(FORMATS)}")
     check_output_dir(out, overwrite)
+    source = model_source(path, flag="PATH", check_weights=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load '{path}': {str(exc).splitlines()[0]}") from exc
+        model = AutoModelForCausalLM.from_pretrained(source)
+    except load_errors() as exc:
+        raise UserError(f"cannot load '{path}': {first_line(exc)}") from exc
     if not hasattr(model, "moe_layers"):
         raise UserError(f"'{path}' is not an upcycle MoE checkpoint (model type {model.config.model_type})")
     problems = unsupported_settings(model, fmt)
@@ -235,7 +253,7 @@ def export(path: str, fmt: str, out: str, overwrite: bool = False) -> list[str]:
     target.tie_weights()
     target.generation_config = model.generation_config
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception:
         tokenizer = None
     with atomic_output_dir(out, overwrite) as tmp:

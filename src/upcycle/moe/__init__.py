@@ -12,13 +12,31 @@ On CPU the experts of a call run side by side on single-threaded workers (``upcy
 No training code lives here (design notes, rules of the house).
 """
 
-from upcycle.moe.bank import cpu_expert_workers, cpu_expert_workers_set, set_cpu_expert_workers
-from upcycle.moe.config import MoEConfig, parse_router_init
-from upcycle.moe.experts import GLUExpert, MLPExpert, activation_fn
-from upcycle.moe.layer import MoE, MoEContext
-from upcycle.moe.losses import equivalent_aux_loss_weights, importance_loss, load_balancing_loss, z_loss
-from upcycle.moe.router import Router, Routing, score, score_sequence
-from upcycle.moe.stats import RouterStats
+from upcycle._lazy import lazy_exports
+
+#: Public name → the module defining it, imported on first use (upcycle._lazy: keeps `--help` fast).
+_EXPORTS = {
+    "cpu_expert_workers": "upcycle.moe.bank",
+    "cpu_expert_workers_set": "upcycle.moe.bank",
+    "set_cpu_expert_workers": "upcycle.moe.bank",
+    "MoEConfig": "upcycle.moe.config",
+    "parse_router_init": "upcycle.moe.config",
+    "GLUExpert": "upcycle.moe.experts",
+    "MLPExpert": "upcycle.moe.experts",
+    "activation_fn": "upcycle.moe.experts",
+    "MoE": "upcycle.moe.layer",
+    "MoEContext": "upcycle.moe.layer",
+    "importance_loss": "upcycle.moe.losses",
+    "load_balancing_loss": "upcycle.moe.losses",
+    "z_loss": "upcycle.moe.losses",
+    "equivalent_aux_loss_weights": "upcycle.moe.losses",
+    "Router": "upcycle.moe.router",
+    "Routing": "upcycle.moe.router",
+    "score": "upcycle.moe.router",
+    "score_sequence": "upcycle.moe.router",
+    "RouterStats": "upcycle.moe.stats",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "GLUExpert",

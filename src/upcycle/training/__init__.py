@@ -4,7 +4,20 @@ from upcycle.training import PretrainConfig, pretrain
 result = pretrain(PretrainConfig(model="gpt2-moe", data="corpus.jsonl", steps=1000, out="runs/moe"))
 """
 
-from upcycle.training.config import PretrainConfig
-from upcycle.training.loop import NonFiniteError, PretrainResult, pretrain
+from upcycle._lazy import lazy_exports
 
-__all__ = ["NonFiniteError", "PretrainConfig", "PretrainResult", "pretrain"]
+#: Public name → the module defining it, imported on first use (upcycle._lazy: keeps `--help` fast).
+_EXPORTS = {
+    "PretrainConfig": "upcycle.training.config",
+    "NonFiniteError": "upcycle.training.loop",
+    "PretrainResult": "upcycle.training.loop",
+    "pretrain": "upcycle.training.loop",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+__all__ = [
+    "NonFiniteError",
+    "PretrainConfig",
+    "PretrainResult",
+    "pretrain",
+]

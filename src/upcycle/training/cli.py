@@ -14,17 +14,53 @@ Examples:
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from upcycle.config import add_dataclass_flags, load_yaml, merge_layers, normalise_keys
+from upcycle.config import (
+    ConfigError,
+    add_dataclass_flags,
+    check_mapping,
+    field_types,
+    load_yaml,
+    merge_layers,
+    normalise_keys,
+)
+from upcycle.io import expand_path
 from upcycle.training.config import PretrainConfig
 
 HELP = "continued pretraining (C4 by default) of MoE and dense models; resumable, Accelerate-ready"
 
+#: Fields holding a path (or a hub id); a leading ``~`` is expanded wherever they come from.
+PATH_FIELDS = ("model", "tokenizer", "data", "eval_data", "out")
+
+
+def preset_lines() -> str:
+    """The model presets for training from scratch, one line each, for --help."""
+    from upcycle.models.presets import PRESETS
+
+    width = max(len(n) for n in PRESETS)
+    lines = ["model presets (--model NAME, trained from scratch):"]
+    lines += [f"  {name:<{width}}  {p.description}" for name, p in PRESETS.items()]
+    return "\n".join(lines)
+
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--config", default=None, help="YAML file with any of the options below")
+    parser.epilog = preset_lines()
+    parser.add_argument(
+        "--config", default=None, metavar="YAML", help="YAML file with any of the options below"
+    )
     add_dataclass_flags(parser, PretrainConfig)
+
+
+def _read_layer(path) -> dict:
+    """A YAML layer (a --config file or a run's config.yaml): every key known, every value typed."""
+    return check_mapping(normalise_keys(load_yaml(path)), field_types(PretrainConfig), source=str(path))
+
+
+def _expand_paths(values: dict) -> dict:
+    return {
+        k: str(expand_path(v)) if k in PATH_FIELDS and isinstance(v, str) and v.startswith("~") else v
+        for k, v in values.items()
+    }
 
 
 def config_from_args(args) -> PretrainConfig:
@@ -32,21 +68,72 @@ def config_from_args(args) -> PretrainConfig:
     ns = dict(vars(args)) if not isinstance(args, dict) else dict(args)
     yaml_path = ns.pop("config", None)
     flags = {k: v for k, v in ns.items() if k in PretrainConfig.__dataclass_fields__}
-    yaml_layer = normalise_keys(load_yaml(yaml_path)) if yaml_path else {}
-    top = merge_layers(yaml_layer, flags)
+    yaml_layer = _read_layer(yaml_path) if yaml_path else {}
+    top = _expand_paths(merge_layers(yaml_layer, flags))
     saved: dict = {}
     if top.get("resume") and top.get("out"):
-        saved_path = Path(top["out"]) / "config.yaml"
-        if saved_path.is_file():
-            saved = normalise_keys(load_yaml(saved_path))
-    merged = merge_layers(saved, yaml_layer, flags)
-    return PretrainConfig.from_dict(merged)
+        run_dir = expand_path(top["out"])
+        if (run_dir / "config.yaml").is_file():
+            saved = _read_layer(run_dir / "config.yaml")
+        elif not top.get("model"):
+            # Nothing to continue and nothing to start: say so, instead of asking for --model.
+            what = "does not exist" if not run_dir.exists() else "holds no run (no config.yaml)"
+            raise ConfigError(
+                "out", top["out"], f"no run to resume: the folder {what}; start one with --model"
+            )
+    merged = _expand_paths(merge_layers(saved, yaml_layer, flags))
+    from upcycle.config import from_dict
+
+    return from_dict(PretrainConfig, merged)
+
+
+def preflight(cfg: PretrainConfig) -> None:
+    """What can be checked before the run folder is touched: a mistyped model, tokenizer or data name, a
+    truncated weights file, an empty data file, an --out that is a file (issue 11)."""
+    from upcycle.data.sources import resolve_source
+    from upcycle.data.tokenizers import GPT2_TOKENIZER_NAMES, TOKENIZER_FILES
+    from upcycle.io import looks_like_path
+    from upcycle.models.loading import check_hub_name, model_source
+    from upcycle.models.presets import PRESETS
+
+    out = expand_path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError("out", cfg.out, "exists and is not a folder")
+    checkpoints = out / "checkpoints"
+    resuming = cfg.resume and checkpoints.is_dir() and any(checkpoints.iterdir())
+    if not resuming and cfg.model not in PRESETS:
+        model_source(cfg.model, flag="model", check_weights=True)
+    tok = cfg.tokenizer
+    if tok and tok not in GPT2_TOKENIZER_NAMES and not expand_path(tok).is_dir():
+        if looks_like_path(tok):
+            raise ConfigError("tokenizer", tok, "no such folder")
+        check_hub_name(tok, flag="tokenizer", filenames=TOKENIZER_FILES)
+    for field, name, split in (
+        ("data", cfg.data, cfg.data_split),
+        ("eval_data", cfg.eval_data, cfg.eval_split),
+    ):
+        if name is None or (field == "eval_data" and name.lower() == "none"):
+            continue
+        config = cfg.resolved_data_config if field == "data" else None
+        spec = resolve_source(name, config, split, cfg.text_field, field=field)
+        if not spec.is_local:
+            check_hub_name(
+                name, flag=field, filenames=("README.md",), repo_type="dataset", local="file or folder"
+            )
+
+
+def check(args) -> PretrainConfig:
+    """The resolved options and the names and files they point to, checked before torch is imported."""
+    cfg = config_from_args(args)
+    cfg.check_runnable()
+    preflight(cfg)
+    return cfg
 
 
 def run(args) -> int:
     from upcycle.training.loop import NonFiniteError, pretrain
 
-    cfg = config_from_args(args)
+    cfg = check(args)
     try:
         result = pretrain(cfg)
     except NonFiniteError as err:

@@ -6,25 +6,36 @@
 ``moe/`` never imports this package; this package never imports training, evaluation or analysis.
 """
 
-from upcycle.upcycling.convert import (
-    Source,
-    UpcycleError,
-    UpcycleResult,
-    convert,
-    function_preservation,
-    load_source,
-    options_from,
-    save_atomically,
-    upcycle_model,
-)
-from upcycle.upcycling.dense import DenseMLP
-from upcycle.upcycling.options import PRESETS, UpcycleConfig, parse_layers, preset
-from upcycle.upcycling.registry import LayerInit, get_method, method_names, output_scale, register
+from upcycle._lazy import lazy_exports
+
+#: Public name → the module defining it, imported on first use (upcycle._lazy: keeps `--help` fast).
+_EXPORTS = {
+    "Source": "upcycle.upcycling.convert",
+    "UpcycleError": "upcycle.upcycling.convert",
+    "UpcycleResult": "upcycle.upcycling.convert",
+    "convert": "upcycle.upcycling.convert",
+    "function_preservation": "upcycle.upcycling.convert",
+    "load_source": "upcycle.upcycling.convert",
+    "options_from": "upcycle.upcycling.convert",
+    "save_atomically": "upcycle.upcycling.convert",
+    "upcycle_model": "upcycle.upcycling.convert",
+    "DenseMLP": "upcycle.upcycling.dense",
+    "PRESETS": "upcycle.upcycling.options",
+    "UpcycleConfig": "upcycle.upcycling.options",
+    "parse_layers": "upcycle.upcycling.options",
+    "preset": "upcycle.upcycling.options",
+    "LayerInit": "upcycle.upcycling.registry",
+    "get_method": "upcycle.upcycling.registry",
+    "method_names": "upcycle.upcycling.registry",
+    "output_scale": "upcycle.upcycling.registry",
+    "register": "upcycle.upcycling.registry",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
-    "PRESETS",
     "DenseMLP",
     "LayerInit",
+    "PRESETS",
     "Source",
     "UpcycleConfig",
     "UpcycleError",

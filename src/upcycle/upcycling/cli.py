@@ -1,7 +1,9 @@
 """Convert a dense Hugging Face causal LM into an MoE checkpoint.
 
 Options come from, in increasing priority: the defaults, --preset, the YAML file given with --config
-(same keys as the flags, with underscores or dashes), and the flags themselves.
+(same keys as the flags, with underscores or dashes; MoE fields also under a `moe:` mapping), and the
+flags themselves. A method's own options (--ratio for drop, --noise-std for noise, …) are refused on the
+command line with another method, and upcycling.json records only the options the method used.
 
 Examples:
   upcycle convert --preset report-gpt2 --out gpt2-moe
@@ -12,10 +14,19 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
-from upcycle.config import add_dataclass_flags, load_yaml, merge_layers, normalise_keys
-from upcycle.moe import MoEConfig
-from upcycle.upcycling.options import DERIVED_MOE_FIELDS, PRESETS, RENAMED, UpcycleConfig
+from upcycle.config import (
+    ConfigError,
+    add_dataclass_flags,
+    check_mapping,
+    field_types,
+    load_yaml,
+    merge_layers,
+    normalise_keys,
+)
+from upcycle.moe.config import MoEConfig
+from upcycle.upcycling.options import DERIVED_MOE_FIELDS, METHOD_OPTIONS, PRESETS, RENAMED, UpcycleConfig
 
 HELP = "convert a dense model into an MoE checkpoint (naive, drop, noise, granular, scratch, btx)"
 
@@ -28,9 +39,24 @@ _MOE_FLAG_FIELDS = tuple(
 )
 
 
+def preset_lines() -> str:
+    """The presets, one line each, for --help."""
+    width = max(len(n) for n in PRESETS)
+    lines = ["presets (--preset NAME; --config and flags override them):"]
+    for name, values in PRESETS.items():
+        shown = ", ".join(f"{k}={' '.join(v) if isinstance(v, list) else v}" for k, v in values.items())
+        lines.append(f"  {name:<{width}}  {shown}")
+    return "\n".join(lines)
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--config", default=None, help="YAML file with any of the options below")
-    parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help="start from a named setting")
+    parser.epilog = preset_lines()
+    parser.add_argument(
+        "--config", default=None, metavar="YAML", help="YAML file with any of the options below"
+    )
+    parser.add_argument(
+        "--preset", default=None, choices=list(PRESETS), help="start from a named setting (listed below)"
+    )
     add_dataclass_flags(parser, UpcycleConfig, skip=("moe", "preset"))
     add_dataclass_flags(
         parser,
@@ -41,8 +67,39 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _yaml_types() -> dict[str, Any]:
+    """The keys a convert YAML file may hold at its top level, with their types."""
+    upcycle_types = field_types(UpcycleConfig)
+    moe_types = field_types(MoEConfig)
+    return {**upcycle_types, **{name: moe_types[name] for name in _MOE_FLAG_FIELDS}}
+
+
+def read_yaml(path: str) -> tuple[dict, dict]:
+    """(UpcycleConfig fields, MoEConfig fields) of a convert YAML file, every key and type checked."""
+    data = check_mapping(normalise_keys(load_yaml(path)), _yaml_types(), source=path)
+    moe_types = {k: v for k, v in field_types(MoEConfig).items() if k not in DERIVED_MOE_FIELDS}
+    nested = check_mapping(data.pop("moe", None) or {}, moe_types, where="moe", source=path)
+    renamed = sorted(set(nested) & set(RENAMED))
+    if renamed:
+        flag = RENAMED[renamed[0]]
+        raise ConfigError(
+            f"moe.{renamed[0]}", nested[renamed[0]], f"write it as top-level '{flag}'", source=path
+        )
+    top_moe = {k: data.pop(k) for k in list(data) if k in _MOE_FLAG_FIELDS}
+    return data, {**nested, **top_moe}
+
+
+def check_method_options(method: str, flags: dict[str, Any]) -> None:
+    """A method's own option given on the command line with another method does nothing: refuse it."""
+    for name, methods in METHOD_OPTIONS.items():
+        if flags.get(name) is not None and method not in methods:
+            only = " or ".join(repr(m) for m in methods)
+            raise ConfigError(name, flags[name], f"applies to method {only} only; the method is {method!r}")
+
+
 def options_from_args(args) -> UpcycleConfig:
     """Resolve defaults < preset < YAML < flags into a validated UpcycleConfig."""
+    from upcycle.config import from_dict
     from upcycle.upcycling.options import preset
 
     ns = vars(args) if not isinstance(args, dict) else args
@@ -50,24 +107,33 @@ def options_from_args(args) -> UpcycleConfig:
         k: v for k, v in ns.items() if k not in ("config", "preset", "quiet") and not k.startswith("moe__")
     }
     flag_moe = {k[len("moe__") :]: v for k, v in ns.items() if k.startswith("moe__") and v is not None}
-    yaml_layer = normalise_keys(load_yaml(ns["config"])) if ns.get("config") else {}
-    # MoE fields may sit at the top level of the YAML file, like their flags.
-    yaml_moe = {k: yaml_layer.pop(k) for k in list(yaml_layer) if k in _MOE_FLAG_FIELDS}
+    yaml_layer, yaml_moe = read_yaml(ns["config"]) if ns.get("config") else ({}, {})
     preset_name = ns.get("preset") or yaml_layer.pop("preset", None)
     base = preset(preset_name) if preset_name else {}
     merged = merge_layers(base, yaml_layer, flags)
-    merged["moe"] = merge_layers(base.get("moe", {}), yaml_layer.get("moe", {}), yaml_moe, flag_moe)
-    return UpcycleConfig(**merged)
+    merged["moe"] = merge_layers(base.get("moe", {}), yaml_moe, flag_moe)
+    check_method_options(merged.get("method", UpcycleConfig.method), flags)
+    return from_dict(UpcycleConfig, merged)
+
+
+def check(args) -> UpcycleConfig:
+    """Options, output folder and source names, checked before torch is imported."""
+    from upcycle.io import check_output_dir
+    from upcycle.models.loading import model_source
+
+    opts = options_from_args(args)
+    if opts.out is None:
+        raise ConfigError("out", None, "give the output folder with --out DIR")
+    check_output_dir(opts.out, opts.overwrite)
+    for name in opts.model:
+        model_source(name, flag="model", check_weights=True)
+    return opts
 
 
 def run(args) -> int:
     from upcycle.upcycling.convert import convert
 
-    opts = options_from_args(args)
-    if opts.out is None:
-        from upcycle.config import ConfigError
-
-        raise ConfigError("out", None, "give the output folder with --out DIR")
+    opts = check(args)
     result = convert(opts, progress=not getattr(args, "quiet", False))
     print(f"wrote {result.out} ({opts.method}, {len(result.model.config.moe_layers)} MoE layers)")
     print(result.report_line())

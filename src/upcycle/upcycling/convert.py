@@ -8,7 +8,6 @@ chosen method → measure function preservation on a fixed probe batch → write
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -22,12 +21,12 @@ from transformers.initialization import no_init_weights
 
 import upcycle
 from upcycle.config import ConfigError, UserError
-from upcycle.data.tokenizers import usable
-from upcycle.io import atomic_output_dir, check_output_dir
+from upcycle.data.tokenizers import align_pad_token, usable
+from upcycle.io import atomic_output_dir, check_output_dir, expand_path
 from upcycle.models.modeling import Family, family_for, moe_config_of
 from upcycle.moe import MoE, MoEConfig
 from upcycle.upcycling.dense import DenseMLP, copy_into_expert
-from upcycle.upcycling.options import UpcycleConfig, parse_layers
+from upcycle.upcycling.options import METHOD_OPTIONS, UpcycleConfig, parse_layers
 from upcycle.upcycling.registry import LayerInit, get_method
 
 #: Config keys of the source that must not be copied into the MoE config.
@@ -57,22 +56,27 @@ class UpcycleResult:
 
 
 def load_source(name: str) -> Source:
-    """Load a dense causal LM (hub id or local folder); errors name the source and what is supported."""
-    if _looks_like_path(name) and not Path(name).exists():
-        raise UpcycleError(f"no such model folder: '{name}'")
+    """Load a dense causal LM (hub id or local folder, ``~`` expanded); errors are one line naming the
+    source (a missing folder, an unreachable hub, a truncated weights file) and what is supported."""
+    from upcycle.models.loading import first_line, load_errors, model_source
+
     try:
-        config = AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as exc:
-        raise UpcycleError(f"cannot read model config from '{name}': {_first_line(exc)}") from exc
+        source = model_source(name, flag="model", check_weights=True)
+    except ConfigError as err:  # the library's error for a source it cannot use (the CLI checks first)
+        raise UpcycleError(f"model '{name}': {err.allowed}") from None
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except load_errors() as exc:
+        raise UpcycleError(f"cannot read model config from '{name}': {first_line(exc)}") from exc
     family_for(config.model_type)  # unsupported architectures fail here, before loading weights
     if config.model_type.startswith("moe_"):
         raise ConfigError("model", name, "is already an MoE checkpoint; give a dense source")
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype="auto")
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise UpcycleError(f"cannot load model weights from '{name}': {_first_line(exc)}") from exc
+        model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
+    except load_errors() as exc:
+        raise UpcycleError(f"cannot load model weights from '{name}': {first_line(exc)}") from exc
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception:  # a weights-only folder is a valid source; the output then has no tokenizer
         tokenizer = None
     if tokenizer is not None and not usable(tokenizer):
@@ -80,15 +84,6 @@ def load_source(name: str) -> Source:
         # failing; copying it would make every later text → [] silently.
         tokenizer = None
     return Source(name, model.eval(), tokenizer)
-
-
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def build_moe_config(family: Family, source: PreTrainedModel, opts: UpcycleConfig) -> MoEConfig:
@@ -172,10 +167,11 @@ def upcycle_model(
         cfg_dict["pad_token_id"] = cfg_dict["eos_token_id"]
     upcycling = {
         "method": opts.method,
-        "sources": list(opts.model),
+        "sources": [_recorded_source(name) for name in opts.model],
+        "sources_as_given": list(opts.model),
         "seed": opts.seed,
         "layers": layers,
-        "options": {k: v for k, v in opts.to_dict().items() if k not in ("model", "out", "overwrite")},
+        "options": used_options(opts),
         "upcycle_version": upcycle.__version__,
     }
     config = family.config_cls(**cfg_dict, moe=moe_cfg.to_dict(), moe_layers=layers, upcycling=upcycling)
@@ -235,6 +231,24 @@ def upcycle_model(
     fp = function_preservation(src, model, opts)
     model.config.upcycling["function_preservation"] = fp
     return UpcycleResult(model, None, fp, layer_info)
+
+
+def _recorded_source(name: str) -> str:
+    """A local source as an absolute path (the record is read from other folders); a hub id as given."""
+    from upcycle.io import absolute_path
+
+    return absolute_path(name) if expand_path(name).is_dir() else name
+
+
+def used_options(opts: UpcycleConfig) -> dict:
+    """The options this conversion used: another method's options (``ratio`` with 'naive') are left out,
+    and ``weight_scaling`` is recorded as resolved (issue 11)."""
+    options = {k: v for k, v in opts.to_dict().items() if k not in ("model", "out", "overwrite")}
+    for name, methods in METHOD_OPTIONS.items():
+        if opts.method not in methods:
+            options.pop(name, None)
+    options["weight_scaling"] = opts.scaling
+    return options
 
 
 def _merged_state(sources: list[Source]) -> dict[str, torch.Tensor]:
@@ -324,10 +338,11 @@ def save_atomically(model: PreTrainedModel, tokenizer, out: str | os.PathLike, o
         # Shards bound the extra memory safetensors needs to serialise (it builds each file in memory).
         model.save_pretrained(tmp, max_shard_size="500MB")
         if tokenizer is not None:
+            align_pad_token(tokenizer, model.config)
             tokenizer.save_pretrained(tmp)
         if model.config.upcycling:
             (tmp / "upcycling.json").write_text(json.dumps(model.config.upcycling, indent=2))
-    return Path(out)
+    return expand_path(out)
 
 
 def convert(opts: UpcycleConfig, progress: bool = True) -> UpcycleResult:
@@ -342,16 +357,14 @@ def convert(opts: UpcycleConfig, progress: bool = True) -> UpcycleResult:
 
 
 def options_from(preset_name: str | None = None, **overrides) -> UpcycleConfig:
-    """UpcycleConfig from a preset plus overrides (None values are ignored)."""
+    """UpcycleConfig from a preset plus overrides (None values are ignored); unknown or mistyped option
+    names are refused with a suggestion."""
+    from upcycle.config import from_dict
     from upcycle.upcycling.options import preset
 
     base = preset(preset_name) if preset_name else {}
     base.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(UpcycleConfig)}
-    unknown = sorted(set(base) - known)
-    if unknown:
-        raise ConfigError(unknown[0], base[unknown[0]], f"unknown option; known: {', '.join(sorted(known))}")
-    return UpcycleConfig(**base)
+    return from_dict(UpcycleConfig, base)
 
 
 __all__ = [

@@ -21,6 +21,15 @@ DERIVED_MOE_FIELDS = (
     "expert_bias",
     "dropout",
 )
+#: Options that only some methods read (the others apply to every method): refused on the command line
+#: with another method, and left out of upcycling.json when unused (issue 11).
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "ratio": ("drop",),
+    "index_sharing": ("drop",),
+    "noise_std": ("noise",),
+    "noise_fraction": ("noise",),
+    "granularity": ("granular",),
+}
 #: MoEConfig fields exposed by UpcycleConfig under a shorter name (the issue's CLI flags).
 RENAMED = {"num_experts": "experts", "router_jitter": "jitter", "num_shared_experts": "shared_experts"}
 
