@@ -77,7 +77,7 @@ def icu_words(text: str, locale: str = "") -> list[tuple[int, int]]:
         import icu
     except ImportError as exc:
         raise UserError(
-            "--words icu needs PyICU (pip install PyICU); --words unicode needs nothing more"
+            "--words icu needs PyICU (pip install 'upcycle[icu]'); --words unicode needs nothing more"
         ) from exc
     breaker = icu.BreakIterator.createWordInstance(icu.Locale(locale))
     breaker.setText(text)
