@@ -172,14 +172,14 @@ def prune(
     protect: tuple[int, ...] = (),
 ) -> list[Path]:
     """After ``step-<current_step>`` is complete: of the checkpoints the run ``run_id`` wrote, drop all but
-    the newest ``keep_last`` (0 keeps all; ``protect``ed steps, e.g. the best one, are kept and not
-    counted) and any numbered after the current step (an abandoned future of a resumed run). Folders the
-    run did not write completely (:func:`foreign_checkpoints`) are never deleted."""
-    checkpoints = [(s, f) for s, f in list_checkpoints(root) if s not in protect and owned_by(f, run_id)]
-    doomed = [folder for step, folder in checkpoints if step > current_step]
+    the newest ``keep_last`` (0 keeps all) and any numbered after the current step (an abandoned future
+    of a resumed run), but never a ``protect``ed step (the best one). Folders the run did not write
+    completely (:func:`foreign_checkpoints`) are never deleted."""
+    checkpoints = [(s, f) for s, f in list_checkpoints(root) if owned_by(f, run_id)]
+    doomed = [folder for step, folder in checkpoints if step > current_step and step not in protect]
     kept = [(s, f) for s, f in checkpoints if s <= current_step]
     if keep_last > 0 and len(kept) > keep_last:
-        doomed += [folder for _, folder in kept[:-keep_last]]
+        doomed += [folder for step, folder in kept[:-keep_last] if step not in protect]
     for folder in doomed:
         remove_checkpoint(folder)
     return doomed
