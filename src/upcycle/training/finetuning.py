@@ -55,6 +55,20 @@ ENCODE_CHUNK = 20_000
 # --------------------------------------------------------------------------- data
 
 
+@contextlib.contextmanager
+def quiet_datasets():
+    """No "Generating train split" bars while splits load: the command prints its own summary."""
+    from datasets.utils import logging as ds_logging
+
+    was = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            ds_logging.enable_progress_bar()
+
+
 def resolve_languages(cfg: FinetuneConfig) -> list[str | None]:
     """The train languages (dataset configurations) in the order given; [None] for 'none'."""
     spec = cfg.train_languages.strip()
@@ -204,7 +218,8 @@ class FinetuneTask(Task):
     def _load_train_splits(self) -> list:
         cfg, out = self.cfg, []
         for lang in self.languages:
-            ds = load_split(cfg.data, lang, cfg.train_split, field="data")
+            with quiet_datasets():
+                ds = load_split(cfg.data, lang, cfg.train_split, field="data")
             check_fields(
                 ds, cfg.text_field_list, cfg.label_field, where=f"{cfg.data} ({lang or cfg.train_split})"
             )
@@ -255,7 +270,8 @@ class FinetuneTask(Task):
         self.eval_sets: list[EncodedExamples] = []
         if cfg.validates:
             for lang, name in zip(self.languages, self.names):
-                ds = load_split(cfg.data, lang, cfg.eval_split, field="data")
+                with quiet_datasets():
+                    ds = load_split(cfg.data, lang, cfg.eval_split, field="data")
                 check_fields(
                     ds, cfg.text_field_list, cfg.label_field, where=f"{cfg.data} ({name}, {cfg.eval_split})"
                 )

@@ -77,7 +77,8 @@ class RunPlan:
     """Checkpoint folder to resume from."""
     fresh: bool = True
     """No previous run in the folder: a failure before the first step removes what was written."""
-    created_dir: bool = False
+    created_from: str | None = None
+    """The outermost folder of --out that did not exist yet (removed again, if still empty, on failure)."""
     warnings: list[str] = field(default_factory=list)
 
 
@@ -103,7 +104,11 @@ class RunFolder:
         info = read_run_info(run_dir)
         plan = RunPlan(str(run_dir), info.get("id") or uuid.uuid4().hex[:12])
         plan.fresh = not previous or cfg.overwrite
-        plan.created_dir = not run_dir.exists()
+        if not run_dir.exists():
+            top = run_dir.absolute()
+            while not top.parent.exists():
+                top = top.parent
+            plan.created_from = str(top)
         if cfg.overwrite:
             plan.run_id = uuid.uuid4().hex[:12]
             return plan
@@ -147,8 +152,14 @@ class RunFolder:
             return
         for path in self.previous():
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        if plan.created_dir and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
-            self.run_dir.rmdir()
+        if plan.created_from is None:
+            return
+        folder, top = self.run_dir.absolute(), Path(plan.created_from)
+        while folder.is_dir() and not any(folder.iterdir()) and folder.is_relative_to(top):
+            folder.rmdir()
+            if folder == top:
+                break
+            folder = folder.parent
 
 
 # --------------------------------------------------------------------------- best/
