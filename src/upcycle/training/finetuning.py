@@ -196,6 +196,40 @@ def set_aux_weights(model, cfg: FinetuneConfig) -> list[str]:
     return []
 
 
+# --------------------------------------------------------------------------- one optimizer step
+
+
+def forward_backward(accelerator, model, micro_batches, keys: tuple[str, ...]) -> torch.Tensor:
+    """Forward and backward of one step's micro-batches (dicts with input_ids, attention_mask, labels).
+
+    The loss of a micro-batch is the mean cross-entropy of the logits at each row's last real token plus,
+    for MoE models, the model's weighted auxiliary losses. Returns the step's sums on the device: the
+    fields ``keys``, then correct predictions, examples and real tokens.
+    """
+    device = accelerator.device
+    sums = torch.zeros(len(keys) + 3, device=device)
+    for batch in micro_batches:
+        ids_BS, mask_BS = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        labels_B = batch["labels"].to(device)
+        with accelerator.accumulate(model):
+            logits_BC, out = sequence_logits(model, ids_BS, mask_BS)
+            task_loss = F.cross_entropy(logits_BC.float(), labels_B)
+            aux = getattr(out, "aux_loss", None)
+            # One backward of task + auxiliary losses: scaled alike under accumulation and DDP.
+            loss = task_loss if aux is None else task_loss + aux.float()
+            accelerator.backward(loss)
+        with torch.no_grad():
+            fields = {"loss": loss, "task_loss": task_loss}
+            zero = loss.new_zeros(())
+            values = [fields[k] if k in fields else getattr(out, k, None) for k in keys]
+            correct = (logits_BC.argmax(-1) == labels_B).sum()
+            sums += torch.stack(
+                [(zero if v is None else v).detach().float() for v in values]
+                + [correct.float(), zero + len(labels_B), mask_BS.sum().float()]
+            )
+    return sums
+
+
 # --------------------------------------------------------------------------- the task
 
 
@@ -345,29 +379,10 @@ class FinetuneTask(Task):
 
     # ------------------------------------------------------------------ one optimizer step
     def forward_backward(self, accelerator, model) -> torch.Tensor:
-        device = accelerator.device
-        sums = torch.zeros(len(self.keys) + 3, device=device)
-        for idx in self.batches.next_step(self.rank, self.W):
-            batch = self.train_set.batch(idx, self.pad_id)
-            ids_BS, mask_BS = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            labels_B = batch["labels"].to(device)
-            with accelerator.accumulate(model):
-                logits_BC, out = sequence_logits(model, ids_BS, mask_BS)
-                task_loss = F.cross_entropy(logits_BC.float(), labels_B)
-                aux = getattr(out, "aux_loss", None)
-                # One backward of task + auxiliary losses: scaled alike under accumulation and DDP.
-                loss = task_loss if aux is None else task_loss + aux.float()
-                accelerator.backward(loss)
-            with torch.no_grad():
-                fields = {"loss": loss, "task_loss": task_loss}
-                zero = loss.new_zeros(())
-                values = [fields[k] if k in fields else getattr(out, k, None) for k in self.keys]
-                correct = (logits_BC.argmax(-1) == labels_B).sum()
-                sums += torch.stack(
-                    [(zero if v is None else v).detach().float() for v in values]
-                    + [correct.float(), zero + len(labels_B), mask_BS.sum().float()]
-                )
-        return sums
+        micro_batches = (
+            self.train_set.batch(idx, self.pad_id) for idx in self.batches.next_step(self.rank, self.W)
+        )
+        return forward_backward(accelerator, model, micro_batches, self.keys)
 
     def record_fields(self) -> dict:
         return {
@@ -450,4 +465,12 @@ def finetune(cfg: FinetuneConfig, *, on_step: Callable[[int, dict], None] | None
     return train(FinetuneTask(cfg), on_step=on_step)
 
 
-__all__ = ["FinetuneTask", "apply_freeze", "finetune", "moe_blocks", "resolve_languages"]
+__all__ = [
+    "MOE_TASK_LOSSES",
+    "FinetuneTask",
+    "apply_freeze",
+    "finetune",
+    "forward_backward",
+    "moe_blocks",
+    "resolve_languages",
+]
