@@ -211,3 +211,35 @@ def test_epochs_set_the_length_and_the_validation_cadence(xnli, dense_dir, tmp_p
     with pytest.raises(ConfigError) as err:
         finetune(dataclasses.replace(cfg, out=str(tmp_path / "w"), warmup=30))
     assert err.value.field == "warmup" and "18 steps" in err.value.allowed
+
+
+@pytest.mark.parametrize("fmt", ["mixtral", "qwen2_moe"])
+def test_native_moe_exports_finetune_and_freeze_their_routers(xnli, tmp_path, fmt):
+    """A native Mixtral / Qwen2-MoE export (no upcycle model type) fine-tunes like any classifier."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from upcycle.models.export import export
+    from upcycle.upcycling import UpcycleConfig, convert
+
+    torch.manual_seed(0)
+    llama = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=50257, max_position_embeddings=128,
+                        bos_token_id=50256, eos_token_id=50256)  # fmt: skip
+    LlamaForCausalLM(llama).save_pretrained(tmp_path / "llama")
+    convert(UpcycleConfig(model=[str(tmp_path / "llama")], method="naive", top_k=2, layers="all",
+                          out=str(tmp_path / "moe")), progress=False)  # fmt: skip
+    export(str(tmp_path / "moe"), fmt, str(tmp_path / "native"))
+    cfg = tiny_finetune_config(xnli, tmp_path / "run", model=str(tmp_path / "native"), tokenizer="gpt2-offline",
+                               steps=3, eval_examples=8, freeze="router")  # fmt: skip
+    result = finetune(cfg)
+    clf = AutoModelForSequenceClassification.from_pretrained(result.final_dir)
+    assert type(clf).__name__ == {"mixtral": "MixtralForSequenceClassification",
+                                  "qwen2_moe": "Qwen2MoeForSequenceClassification"}[fmt]  # fmt: skip
+    start = weights(tmp_path / "native")
+    end = weights(result.final_dir)
+    gates = [k for k in end if k.endswith(".gate.weight") and k in start]  # routers (not shared_expert_gate)
+    experts = [k for k in end if ".experts." in k and k in start]
+    assert gates and experts
+    assert all(torch.equal(start[k], end[k]) for k in gates)
+    assert not all(torch.equal(start[k], end[k]) for k in experts)
+    assert clf.config.id2label == XNLI_NAMES
