@@ -162,19 +162,16 @@ class _Session:
     """One invocation of a training command: set up, train, finish. Each phase is a method."""
 
     def __init__(self, task: Task, accelerator, display: Display, on_step):
-        self.task, self.cfg, self.acc, self.display, self.on_step = (
-            task,
-            task.cfg,
-            accelerator,
-            display,
-            on_step,
-        )
+        self.task, self.cfg, self.acc = task, task.cfg, accelerator
+        self.display, self.on_step = display, on_step
         self.main = accelerator.is_main_process
         self.W, self.rank = accelerator.num_processes, accelerator.process_index
         self.run_dir = Path(self.cfg.out).expanduser()
         self.step = self.tokens = self.skipped = 0
         self.steps_this_session = 0
         self.best: dict | None = None
+        """{"step", "value"} of the best evaluation (tasks with a select_key), and its record."""
+        self.best_eval: dict | None = None
         self.last_saved: Path | None = None
         self.last_saved_step = -1
 
@@ -257,7 +254,7 @@ class _Session:
         state = ckpt.read_trainer_state(self.resume_from)
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.skipped = int(state.get("skipped_nonfinite", 0))
-        self.best = state.get("best")
+        self.best, self.best_eval = state.get("best"), state.get("best_eval")
         self.task.restore(state_dir)
         self.last_saved, self.last_saved_step = self.resume_from, self.step
 
@@ -489,7 +486,7 @@ class _Session:
         }
         if self.task.select_key:
             state["best"] = self.best
-            state["best_eval"] = getattr(self, "best_eval", None)
+            state["best_eval"] = self.best_eval
         (state_dir / ckpt.TRAINER_STATE).write_text(json.dumps(state, indent=1))
 
     def _finish(self) -> None:
