@@ -1,6 +1,6 @@
 """Training-step speed of `upcycle pretrain`: dense GPT-2-small vs its 8-expert top-1 MoE, side by side.
 
-Both models go through the engine's own step (``upcycle.training.loop``): forward with labels (LM loss
+Both models go through the engine's own step (``upcycle.training.loop``, ``pretraining.forward_backward``): forward with labels (LM loss
 plus, for the MoE, the weighted auxiliary losses), ``accelerator.backward``, gradient-norm clipping, the
 fused AdamW step, the LR scheduler and ``zero_grad``. The MoE is the dense model drop-upcycled with the
 founding report's recipe (8 experts, top-1, every other layer, r = 0.15): the same active FLOPs per token
@@ -33,8 +33,9 @@ import torch
 from upcycle.analysis.accounting import account
 from upcycle.models.presets import build_model
 from upcycle.training.config import PretrainConfig
-from upcycle.training.loop import MOE_LOSSES, clip_gradients, forward_backward, make_optimizer
+from upcycle.training.loop import clip_gradients, make_optimizer
 from upcycle.training.memory import keep_freed_memory
+from upcycle.training.pretraining import MOE_LOSSES, forward_backward
 from upcycle.training.schedule import make_scheduler
 from upcycle.upcycling import Source, UpcycleConfig, upcycle_model
 

@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "inspect": "upcycle.analysis.inspect",
     "export": "upcycle.models.export",
     "pretrain": "upcycle.training.cli",
+    "finetune": "upcycle.training.finetune_cli",
     "demo": "upcycle.demo",
     "analyze": "upcycle.analysis.cli",
     "fertility": "upcycle.analysis.fertility_cli",

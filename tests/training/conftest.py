@@ -62,3 +62,34 @@ def tiny_config(corpus, out, **overrides) -> PretrainConfig:
         progress="lines",
     )
     return dataclasses.replace(base, **overrides)
+
+
+@pytest.fixture(scope="session")
+def xnli(tmp_path_factory):
+    """A generated XNLI-layout folder: en, fr, es (clean labels) and de, 400 training pairs each."""
+    from upcycle.data.synthetic import write_synthetic_xnli
+
+    sizes = {"train": 400, "validation": 60, "test": 30}
+    return str(write_synthetic_xnli(tmp_path_factory.mktemp("xnli"), ("en", "fr", "es", "de"), sizes, seed=1))
+
+
+def tiny_finetune_config(xnli, out, **overrides):
+    """A few-second fine-tuning run on the generated data (French by default)."""
+    from upcycle.training import FinetuneConfig
+
+    base = FinetuneConfig(
+        model=None,
+        data=xnli,
+        train_languages="fr",
+        batch_size=16,
+        steps=20,
+        lr=1e-3,
+        warmup=2,
+        log_every=5,
+        eval_every=10,
+        save_every=10,
+        out=str(out),
+        tensorboard=False,
+        progress="lines",
+    )
+    return dataclasses.replace(base, **overrides)

@@ -130,14 +130,56 @@ def remove_checkpoint(folder: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def prune(root: str | os.PathLike, keep_last: int, current_step: int) -> list[Path]:
-    """After ``step-<current_step>`` is complete: drop all but the newest ``keep_last`` (0 keeps all), and
-    any checkpoint numbered after the current step (an abandoned, unusable future of a resumed run)."""
-    checkpoints = list_checkpoints(root)
-    doomed = [folder for step, folder in checkpoints if step > current_step]
+def checkpoint_owner(folder: Path) -> str | None:
+    """Why a checkpoint folder may not be ours to delete: None if it is complete (has its manifest) and
+    records a run id, else the reason; see :func:`owned_by`."""
+    if not (folder / MANIFEST).is_file():
+        return "incomplete: no manifest.json"
+    try:
+        run_id = json.loads((folder / STATE_DIR / TRAINER_STATE).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return f"unreadable {STATE_DIR}/{TRAINER_STATE}"
+    return None if run_id is None else f"run {run_id}"
+
+
+def owned_by(folder: Path, run_id: str | None) -> bool:
+    """A complete checkpoint written by the run ``run_id`` (any run's when ``run_id`` is None)."""
+    reason = checkpoint_owner(folder)
+    return reason is None or (reason.startswith("run ") and (run_id is None or reason == f"run {run_id}"))
+
+
+def foreign_checkpoints(root: str | os.PathLike, run_id: str | None) -> list[tuple[Path, str]]:
+    """(folder, why) of every ``step-N`` folder that the run ``run_id`` did not write completely: pruning
+    never deletes these (issue 11), and a save of the same step sets them aside first."""
+    return [(f, checkpoint_owner(f) or "") for _, f in list_checkpoints(root) if not owned_by(f, run_id)]
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename a checkpoint folder this run must not delete out of the way of a new save of its step."""
+    n, target = 1, folder.with_name(f"{folder.name}.set-aside")
+    while target.exists():
+        n += 1
+        target = folder.with_name(f"{folder.name}.set-aside-{n}")
+    os.replace(folder, target)
+    return target
+
+
+def prune(
+    root: str | os.PathLike,
+    keep_last: int,
+    current_step: int,
+    run_id: str | None = None,
+    protect: tuple[int, ...] = (),
+) -> list[Path]:
+    """After ``step-<current_step>`` is complete: of the checkpoints the run ``run_id`` wrote, drop all but
+    the newest ``keep_last`` (0 keeps all) and any numbered after the current step (an abandoned future
+    of a resumed run), but never a ``protect``ed step (the best one). Folders the run did not write
+    completely (:func:`foreign_checkpoints`) are never deleted."""
+    checkpoints = [(s, f) for s, f in list_checkpoints(root) if owned_by(f, run_id)]
+    doomed = [folder for step, folder in checkpoints if step > current_step and step not in protect]
     kept = [(s, f) for s, f in checkpoints if s <= current_step]
     if keep_last > 0 and len(kept) > keep_last:
-        doomed += [folder for _, folder in kept[:-keep_last]]
+        doomed += [folder for step, folder in kept[:-keep_last] if step not in protect]
     for folder in doomed:
         remove_checkpoint(folder)
     return doomed

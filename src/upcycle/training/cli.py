@@ -14,6 +14,7 @@ Examples:
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from upcycle.config import (
     ConfigError,
@@ -51,9 +52,9 @@ def add_arguments(parser) -> None:
     add_dataclass_flags(parser, PretrainConfig)
 
 
-def _read_layer(path) -> dict:
+def _read_layer(path, cls=PretrainConfig) -> dict:
     """A YAML layer (a --config file or a run's config.yaml): every key known, every value typed."""
-    return check_mapping(normalise_keys(load_yaml(path)), field_types(PretrainConfig), source=str(path))
+    return check_mapping(normalise_keys(load_yaml(path)), field_types(cls), source=str(path))
 
 
 def _expand_paths(values: dict) -> dict:
@@ -63,18 +64,20 @@ def _expand_paths(values: dict) -> dict:
     }
 
 
-def config_from_args(args) -> PretrainConfig:
-    """Resolve defaults < saved run config (--resume) < YAML < flags into a validated PretrainConfig."""
+def config_from_args(args, cls=PretrainConfig, command: str = "pretrain"):
+    """Resolve defaults < saved run config (--resume) < YAML < flags into a validated ``cls``
+    (PretrainConfig or FinetuneConfig: one resolution path for both training commands)."""
     ns = dict(vars(args)) if not isinstance(args, dict) else dict(args)
     yaml_path = ns.pop("config", None)
-    flags = {k: v for k, v in ns.items() if k in PretrainConfig.__dataclass_fields__}
-    yaml_layer = _read_layer(yaml_path) if yaml_path else {}
+    flags = {k: v for k, v in ns.items() if k in cls.__dataclass_fields__}
+    yaml_layer = _read_layer(yaml_path, cls) if yaml_path else {}
     top = _expand_paths(merge_layers(yaml_layer, flags))
     saved: dict = {}
     if top.get("resume") and top.get("out"):
         run_dir = expand_path(top["out"])
         if (run_dir / "config.yaml").is_file():
-            saved = _read_layer(run_dir / "config.yaml")
+            check_command(run_dir, command, top["out"])
+            saved = _read_layer(run_dir / "config.yaml", cls)
         elif not top.get("model"):
             # Nothing to continue and nothing to start: say so, instead of asking for --model.
             what = "does not exist" if not run_dir.exists() else "holds no run (no config.yaml)"
@@ -84,13 +87,12 @@ def config_from_args(args) -> PretrainConfig:
     merged = _expand_paths(merge_layers(saved, yaml_layer, flags))
     from upcycle.config import from_dict
 
-    return from_dict(PretrainConfig, merged)
+    return from_dict(cls, merged)
 
 
-def preflight(cfg: PretrainConfig) -> None:
-    """What can be checked before the run folder is touched: a mistyped model, tokenizer or data name, a
-    truncated weights file, an empty data file, an --out that is a file (issue 11)."""
-    from upcycle.data.sources import resolve_source
+def preflight_model_and_out(cfg) -> None:
+    """The checks pretrain and finetune share: --out is not a file; the model (unless the run resumes)
+    and the tokenizer name something that exists, with readable weights (issue 11)."""
     from upcycle.data.tokenizers import GPT2_TOKENIZER_NAMES, TOKENIZER_FILES
     from upcycle.io import looks_like_path
     from upcycle.models.loading import check_hub_name, model_source
@@ -108,6 +110,15 @@ def preflight(cfg: PretrainConfig) -> None:
         if looks_like_path(tok):
             raise ConfigError("tokenizer", tok, "no such folder")
         check_hub_name(tok, flag="tokenizer", filenames=TOKENIZER_FILES)
+
+
+def preflight(cfg: PretrainConfig) -> None:
+    """What can be checked before the run folder is touched: a mistyped model, tokenizer or data name, a
+    truncated weights file, an empty data file, an --out that is a file (issue 11)."""
+    from upcycle.data.sources import resolve_source
+    from upcycle.models.loading import check_hub_name
+
+    preflight_model_and_out(cfg)
     for field, name, split in (
         ("data", cfg.data, cfg.data_split),
         ("eval_data", cfg.eval_data, cfg.eval_split),
@@ -130,12 +141,23 @@ def check(args) -> PretrainConfig:
     return cfg
 
 
-def run(args) -> int:
-    from upcycle.training.loop import NonFiniteError, pretrain
+def check_command(run_dir: Path, command: str, given: str) -> None:
+    """A run folder is resumed by the command that started it (run.json says which)."""
+    from upcycle.training.rundir import read_run_info
 
-    cfg = check(args)
+    other = read_run_info(run_dir).get("command", "pretrain")
+    if other != command:
+        raise ConfigError(
+            "out", given, f"holds an 'upcycle {other}' run; resume it with upcycle {other} --resume"
+        )
+
+
+def exit_status(run_training, cfg) -> int:
+    """Run ``run_training(cfg)``: 1 for a non-finite stop, 128 + N when signal N stopped it, else 0."""
+    from upcycle.training.loop import NonFiniteError
+
     try:
-        result = pretrain(cfg)
+        result = run_training(cfg)
     except NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -144,3 +166,9 @@ def run(args) -> int:
         # finished, so a following `&& next-command` does not run on a half-trained model.
         return 128 + int(result.stopped_by)
     return 0
+
+
+def run(args) -> int:
+    from upcycle.training.pretraining import pretrain
+
+    return exit_status(pretrain, check(args))

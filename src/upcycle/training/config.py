@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from upcycle.config import ConfigError, check_literals, check_positive, from_dict, to_dict
@@ -31,6 +32,8 @@ FIXED_ON_RESUME = (
     "shuffle_buffer",
     "seed",
 )
+#: Options holding a file or folder (stored as absolute paths in config.yaml).
+PATH_FIELDS = ("model", "tokenizer", "data", "eval_data", "out")
 
 
 @dataclass
@@ -159,6 +162,9 @@ class PretrainConfig:
 
     def check_runnable(self) -> None:
         """The fields a run needs that have no default."""
+        if not self.out:
+            raise ConfigError("out", self.out, "give the run folder with --out RUN_DIR")
+        check_run_exists(self)
         if not self.model:
             from upcycle.models.presets import PRESETS
 
@@ -168,8 +174,6 @@ class PretrainConfig:
                 "give an upcycled folder, a dense hub id or folder, or a preset "
                 f"({', '.join(sorted(PRESETS))})",
             )
-        if not self.out:
-            raise ConfigError("out", self.out, "give the run folder with --out RUN_DIR")
 
     # ------------------------------------------------------------------ resolved values
     @property
@@ -185,14 +189,12 @@ class PretrainConfig:
         return self.lr / 10 if self.min_lr is None else self.min_lr
 
     def resolved(self) -> PretrainConfig:
-        """A copy with defaults that depend on other fields filled in (what config.yaml records)."""
-        return dataclasses.replace(
-            self,
-            data_config=self.resolved_data_config,
-            min_lr=self.resolved_min_lr,
-            resume=False,
-            overwrite=False,
+        """A copy with defaults that depend on other fields filled in and local paths made absolute (what
+        config.yaml records, so --resume works from any directory)."""
+        resolved = dataclasses.replace(
+            self, data_config=self.resolved_data_config, min_lr=self.resolved_min_lr
         )
+        return resolve_paths(resolved, PATH_FIELDS)
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -202,11 +204,37 @@ class PretrainConfig:
         return from_dict(cls, data)
 
 
-def check_resume_compatible(saved: PretrainConfig, current: PretrainConfig) -> None:
-    """On --resume, the fields that define the data stream (and model) must match the run's."""
-    for name in FIXED_ON_RESUME:
-        a, b = getattr(saved, name), getattr(current, name)
-        if name == "data_config":
-            a, b = saved.resolved_data_config, current.resolved_data_config
+def absolute_path(value):
+    """A local path made absolute (``~`` expanded); hub ids, presets and None unchanged."""
+    from upcycle.models.loading import looks_like_path
+
+    if isinstance(value, str) and value and looks_like_path(value):
+        return str(Path(value).expanduser().resolve())
+    return value
+
+
+def resolve_paths(cfg, fields: tuple[str, ...]):
+    """A copy of ``cfg`` with its path ``fields`` absolute (``out`` always) and the one-off switches off."""
+    changes = {name: absolute_path(getattr(cfg, name)) for name in fields if name != "out"}
+    if cfg.out:
+        changes["out"] = str(Path(cfg.out).expanduser().resolve())
+    return dataclasses.replace(cfg, **changes, resume=False, overwrite=False)
+
+
+def check_run_exists(cfg) -> None:
+    """``--resume`` without ``--model`` needs a run to resume: say so instead of blaming --model."""
+    if cfg.resume and not cfg.model and not (Path(cfg.out).expanduser() / "config.yaml").is_file():
+        raise ConfigError(
+            "out", cfg.out, "holds no run to resume (no config.yaml there); start one by giving --model"
+        )
+
+
+def check_resume_compatible(saved, current, fixed: tuple[str, ...] = FIXED_ON_RESUME) -> None:
+    """On --resume, the fields that define the data stream (and model) must match the run's (local paths
+    compared as absolute paths, so a run started elsewhere resumes from any directory)."""
+    a_cfg, b_cfg = saved.resolved(), current.resolved()
+    for name in fixed:
+        a, b = getattr(a_cfg, name), getattr(b_cfg, name)
         if a != b:
-            raise ConfigError(name, b, f"cannot change when resuming; the run in --out used {a!r}")
+            shown = getattr(current, name)
+            raise ConfigError(name, shown, f"cannot change when resuming; the run in --out used {a!r}")

@@ -1,46 +1,44 @@
-"""The training loop of ``upcycle pretrain``: continued pretraining of MoE and dense causal LMs on Accelerate.
+"""The training engine shared by ``upcycle pretrain`` and ``upcycle finetune`` (one loop, on Accelerate).
 
-One optimizer step = ``grad_accum`` micro-batches per process, each a forward with ``labels`` whose
-``loss`` is the LM loss plus, for MoE models, the config-weighted auxiliary losses of every MoE layer
-(``MoECausalLMMixin``). That single loss goes through ``accelerator.backward``, which divides it by the
-accumulation steps, and DDP averages gradients over processes, so the auxiliary losses are scaled exactly
-like the LM loss: W processes × A micro-batches give the gradient of the mean loss over the W·A
-micro-batches, the same as one process with W·A micro-batches (issue 4's 2-process test checks this).
+What differs between the two (data, loss, metrics, evaluation) is a small task object
+(:mod:`upcycle.training.task`); everything else lives here once: the run folder, optimizer and LR
+schedule, gradient accumulation and clipping, non-finite checks, SIGTERM/SIGINT, checkpoints and exact
+resume, metrics.jsonl / TensorBoard / W&B, the progress display, ``best/`` and ``final/``.
 
-Per step, one all-reduce carries the losses, next-token counts and the stop flag, so every process
-agrees on non-finite steps and on SIGTERM; per log interval, one more carries the routing counts.
+One optimizer step = ``grad_accum`` micro-batches per process, each a forward whose loss is the task
+loss plus, for MoE models, the config-weighted auxiliary losses of every MoE layer. That single loss goes
+through ``accelerator.backward``, which divides it by the accumulation steps, and DDP averages gradients
+over processes, so the auxiliary losses are scaled exactly like the task loss: W processes × A
+micro-batches give the gradient of the mean loss over the W·A micro-batches, the same as one process with
+W·A micro-batches (tests/training/test_distributed.py checks this for both commands).
+
+Per step, one all-reduce carries the losses, the metric counts and the stop flag, so every process agrees
+on non-finite steps and on SIGTERM; per log interval, one more carries the routing counts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
-import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from upcycle.config import ConfigError, UserError, dump_yaml, load_yaml, normalise_keys
-from upcycle.data.packing import PackedBlocks, PipelineState, Prefetcher
-from upcycle.data.sources import DocumentStream, SourceSpec, resolve_source
-from upcycle.evaluation.lm import evaluate_lm, moe_layers_of, next_token_counts, routing_summary
+from upcycle.config import UserError
+from upcycle.evaluation.lm import moe_layers_of, routing_summary
 from upcycle.training import checkpoint as ckpt
-from upcycle.training.config import PretrainConfig, check_resume_compatible
 from upcycle.training.memory import keep_freed_memory
-from upcycle.training.reporting import Display, MetricsLog, format_eval_line, tracker_scalars
+from upcycle.training.reporting import Display, MetricsLog, tracker_scalars
+from upcycle.training.rundir import RunFolder, best_step, on_main, write_best
 from upcycle.training.schedule import make_scheduler
 from upcycle.training.signals import StopRequest
+from upcycle.training.task import Task
 
 _PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-#: Loss fields of an MoE model's output, logged per step (dense models only have ``loss``).
-MOE_LOSSES = ("lm_loss", "aux_loss", "load_balancing_loss", "z_loss", "importance_loss")
-RUN_FILES = ("checkpoints", "final", "metrics.jsonl", "config.yaml", "run.json", "tensorboard")
 
 
 class NonFiniteError(UserError):
@@ -61,7 +59,7 @@ class NonFiniteError(UserError):
 
 
 @dataclass
-class PretrainResult:
+class TrainResult:
     run_dir: Path
     step: int
     tokens: int
@@ -70,65 +68,27 @@ class PretrainResult:
     """Signal number that stopped the run early (after saving), or None."""
     skipped_nonfinite: int = 0
     documents_read: int = 0
-    """Training documents this process read in this session (resume reads only unconsumed ones)."""
+    """Training documents this process read in this session (pretraining; resume reads only unconsumed
+    ones)."""
     resumed_from: Path | None = None
     last_eval: dict | None = None
     checkpoints: list[Path] = field(default_factory=list)
+    best: dict | None = None
+    """{"step", "value"} of the best evaluation so far (fine-tuning: mean validation accuracy)."""
+    best_dir: Path | None = None
 
 
-class _PackedInputNotes(logging.Filter):
-    """Drops two Hugging Face notes that do not apply here: packed blocks hold EOS (GPT-2's pad id)
-    between documents but no padding, and an unset ``loss_type`` already means the causal-LM loss."""
-
-    NOTES = ("since your input_ids may be padded", "was set in the config but it is unrecognized")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(note in message for note in self.NOTES)
-
-
-def _quiet_hf_notes() -> None:
-    logger = logging.getLogger("transformers.modeling_utils")
-    if not any(isinstance(f, _PackedInputNotes) for f in logger.filters):
-        logger.addFilter(_PackedInputNotes())
+#: The result of ``pretrain`` (the same fields as every training run's).
+PretrainResult = TrainResult
 
 
 # --------------------------------------------------------------------------- model and optimizer
 
 
-def load_model(name: str):
-    """A causal LM in float32 from a folder (upcycled or dense), a preset (from scratch) or a hub id."""
-    from transformers import AutoModelForCausalLM
-
-    from upcycle.models.presets import PRESETS, build_model
-
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ConfigError(
-                "model", name, "the folder has no config.json (not a Hugging Face model folder)"
-            )
-        source = str(path)
-    elif name in PRESETS:
-        return build_model(name)
-    elif name.startswith((".", "/", "~")):
-        raise ConfigError("model", name, "no such model folder")
-    else:
-        source = name
-    try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"cannot load model '{name}': {first}") from exc
-
-
-def context_length(config) -> int | None:
-    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-
-
-def make_optimizer(model, cfg: PretrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model, cfg) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (biases and norm gains are not decayed, as in GPT-2 and
-    nanoGPT), fused where PyTorch supports it (CPU and CUDA since 2.4; bitwise deterministic)."""
+    nanoGPT), fused where PyTorch supports it (CPU and CUDA since 2.4; bitwise deterministic). Frozen
+    parameters (``requires_grad=False``) get no optimizer state."""
     decay, no_decay = [], []
     for p in model.parameters():  # parameters() lists tied weights once
         if p.requires_grad:
@@ -144,194 +104,37 @@ def make_optimizer(model, cfg: PretrainConfig) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups, **kwargs)
 
 
-def describe_model(model, seq_len: int) -> str:
-    from upcycle.analysis.accounting import account
-
-    n = sum(p.numel() for p in model.parameters())
-    cfg = model.config
-    layers = moe_layers_of(model)
-    if not layers:
-        return f"dense {cfg.model_type}, {n / 1e6:.1f}M parameters"
-    acc = account(cfg, n, seq_len)
-    m = next(iter(layers.values())).config
-    return (
-        f"MoE {cfg.model_type}, {n / 1e6:.1f}M parameters ({acc.active_params / 1e6:.1f}M active per token), "
-        f"{len(layers)} MoE layer{'s' if len(layers) > 1 else ''} × {m.num_experts} experts, top-{m.top_k}"
-    )
-
-
-# --------------------------------------------------------------------------- one optimizer step
-
-
-def forward_backward(accelerator, model, micro_batches, keys: tuple[str, ...]) -> torch.Tensor:
-    """Forward and backward of one step's micro-batches (each (B, S) token ids, labels = inputs).
-
-    Returns the step's sums on the device: the output fields ``keys`` (``loss`` and, for MoE models,
-    the auxiliary terms), then next-token correct and counted. Only the last micro-batch synchronises
-    gradients across processes (``accelerator.accumulate``).
-    """
-    sums = torch.zeros(len(keys) + 2, device=accelerator.device)
-    for ids_BS in micro_batches:
-        ids_BS = ids_BS.to(accelerator.device, non_blocking=True)
-        with accelerator.accumulate(model):
-            out = model(input_ids=ids_BS, labels=ids_BS)
-            # One backward of the full loss: Accelerate divides it by the accumulation steps and DDP
-            # averages over processes, so the auxiliary terms are scaled exactly like the LM loss.
-            accelerator.backward(out.loss)
-        with torch.no_grad():
-            correct, counted = next_token_counts(out.logits, ids_BS)
-            zero = out.loss.new_zeros(())  # a model whose MoE layers have no router has no aux terms
-            values = [getattr(out, k) for k in keys]
-            sums += torch.stack(
-                [(zero if v is None else v).detach().float() for v in values]
-                + [correct.float(), counted.float()]
-            )
-    return sums
-
-
 def clip_gradients(accelerator, model, clip: float) -> torch.Tensor | None:
     """Global gradient norm before clipping (clip ≤ 0: measured, not clipped); None under DeepSpeed,
     which clips inside its engine."""
     return accelerator.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
 
 
-# --------------------------------------------------------------------------- run folder
-
-
-def _on_main(accelerator, fn: Callable[[], object]):
-    """Run ``fn`` on the main process and share its result (or its user-facing error) with all."""
-    if accelerator.num_processes == 1:
-        return fn()
-    from accelerate.utils import broadcast_object_list
-
-    result, error = None, None
-    if accelerator.is_main_process:
-        try:
-            result = fn()
-        except ConfigError as exc:
-            error = ("config", exc.field, exc.value, exc.allowed)
-        except UserError as exc:
-            error = ("user", str(exc))
-    result, error = broadcast_object_list([result, error])
-    if error is not None:
-        raise ConfigError(*error[1:]) if error[0] == "config" else UserError(error[1])
-    return result
-
-
-def prepare_run_dir(cfg: PretrainConfig) -> dict:
-    """Check/clean the run folder and pick the checkpoint to resume from (main process)."""
-    run_dir = Path(cfg.out)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError("out", cfg.out, "exists and is not a folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    previous = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
-    if cfg.overwrite:
-        for path in previous:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    elif previous and not cfg.resume:
-        raise ConfigError("out", cfg.out, "holds a previous run; pass --resume to continue it or --overwrite")
-    ckpt.clean_temporaries(run_dir / ckpt.CHECKPOINTS)
-    warnings: list[str] = []
-    found = ckpt.find_resumable(run_dir, warn=warnings.append) if cfg.resume else None
-    if found is not None and (run_dir / "config.yaml").is_file():
-        saved = PretrainConfig.from_dict(normalise_keys(load_yaml(run_dir / "config.yaml")))
-        check_resume_compatible(saved, cfg)
-    run_info_path = run_dir / "run.json"
-    run_info = {}
-    if run_info_path.is_file():
-        run_info = json.loads(run_info_path.read_text())
-    if "id" not in run_info:
-        run_info = {"id": uuid.uuid4().hex[:12], "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        run_info_path.write_text(json.dumps(run_info, indent=1))
-    dump_yaml(cfg.resolved().to_dict(), run_dir / "config.yaml")
-    return {
-        "resume": None if found is None else str(found[1]),
-        "warnings": warnings,
-        "run_id": run_info["id"],
-    }
-
-
-# --------------------------------------------------------------------------- data
-
-
-def eval_source(cfg: PretrainConfig, train: SourceSpec) -> SourceSpec | None:
-    """--eval-data: 'none'; a given source; or by default the validation split of a hub --data."""
-    if cfg.eval_data is not None and cfg.eval_data.lower() == "none":
-        return None
-    if cfg.eval_data is None:
-        if train.is_local:
-            return None
-        return SourceSpec(train.name, train.config, cfg.eval_split, cfg.text_field)
-    config = cfg.resolved_data_config if cfg.eval_data == cfg.data else None
-    return resolve_source(cfg.eval_data, config, cfg.eval_split, cfg.text_field, field="eval_data")
-
-
-class EvalBatches:
-    """The first ``n`` micro-batches of the held-out stream (same ones every evaluation, cached).
-
-    Micro-batch j goes to process j mod W; processes with fewer pad with a weight-0 batch, so all make
-    the same number of forward calls (DDP buffer broadcasts and FSDP all-gathers need that), and the
-    evaluated set does not depend on the number of processes.
-    """
-
-    def __init__(self, spec: SourceSpec, tokenizer, seq_len: int, micro_batch: int, n: int):
-        self.spec, self.tokenizer, self.seq_len, self.micro_batch, self.n = (
-            spec,
-            tokenizer,
-            seq_len,
-            micro_batch,
-            n,
-        )
-        self.cache: list[torch.Tensor] | None = None
-        self.available = 0
-
-    def for_process(self, rank: int, world: int) -> list[tuple[torch.Tensor, float]]:
-        if self.cache is None:
-            stream = PackedBlocks(
-                DocumentStream(self.spec, loop=False, field="eval_data"), self.tokenizer, self.seq_len
-            )
-            batches = []
-            for _ in range(self.n):
-                batch = stream.next_round(self.micro_batch)
-                if batch is None:
-                    break
-                batches.append(torch.from_numpy(batch).long())
-            if not batches:
-                raise UserError(
-                    f"the evaluation data {self.spec.describe()} has fewer than one micro-batch "
-                    f"({self.micro_batch} × {self.seq_len} tokens)"
-                )
-            self.cache, self.available = batches, len(batches)
-        mine = [(b, 1.0) for j, b in enumerate(self.cache) if j % world == rank]
-        calls = math.ceil(len(self.cache) / world)
-        return mine + [(self.cache[0], 0.0)] * (calls - len(mine))
-
-
-# --------------------------------------------------------------------------- the loop
-
-
-def _parallelism(accelerator) -> str:
+def parallelism(accelerator) -> str:
     kind = accelerator.distributed_type.value
     return "single process" if kind == "NO" else f"{kind} × {accelerator.num_processes} processes"
 
 
-def pretrain(cfg: PretrainConfig, *, on_step: Callable[[int, dict], None] | None = None) -> PretrainResult:
-    """Train ``cfg.model`` on ``cfg.data`` for ``cfg.steps`` optimizer steps; see the module docstring.
+# --------------------------------------------------------------------------- entry point
+
+
+def train(task: Task, *, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Run ``task`` to ``task.total_steps()`` optimizer steps; see the module docstring.
 
     ``on_step(step, info)`` is called after every optimizer step (notebooks, tests).
     """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    cfg = task.cfg
     cfg.validate()
     cfg.check_runnable()
-    _quiet_hf_notes()
     if cfg.wandb:
         import importlib.util
 
         if importlib.util.find_spec("wandb") is None:
             raise UserError("--wandb needs the wandb package: pip install 'upcycle[wandb]'")
-    run_dir = Path(cfg.out)
+    run_dir = Path(cfg.out).expanduser()
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
         mixed_precision=_PRECISION[cfg.precision],
@@ -340,9 +143,9 @@ def pretrain(cfg: PretrainConfig, *, on_step: Callable[[int, dict], None] | None
             project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")
         ),
     )
-    display = Display(cfg.steps, 0, cfg.progress, enabled=accelerator.is_main_process)
+    display = Display(1, 0, cfg.progress, enabled=accelerator.is_main_process)
     try:
-        return _train(cfg, accelerator, display, on_step)
+        return _Session(task, accelerator, display, on_step).run()
     finally:
         display.close()
         accelerator.end_training()
@@ -355,296 +158,369 @@ def pretrain(cfg: PretrainConfig, *, on_step: Callable[[int, dict], None] | None
             GradientState._reset_state()
 
 
-def _train(cfg: PretrainConfig, accelerator, display: Display, on_step) -> PretrainResult:
-    from accelerate.utils import set_seed
+class _Session:
+    """One invocation of a training command: set up, train, finish. Each phase is a method."""
 
-    from upcycle.data.tokenizers import load_tokenizer
-    from upcycle.models.presets import PRESETS
+    def __init__(self, task: Task, accelerator, display: Display, on_step):
+        self.task, self.cfg, self.acc = task, task.cfg, accelerator
+        self.display, self.on_step = display, on_step
+        self.main = accelerator.is_main_process
+        self.W, self.rank = accelerator.num_processes, accelerator.process_index
+        self.run_dir = Path(self.cfg.out).expanduser()
+        self.step = self.tokens = self.skipped = 0
+        self.steps_this_session = 0
+        self.best: dict | None = None
+        """{"step", "value"} of the best evaluation (tasks with a select_key), and its record."""
+        self.best_eval: dict | None = None
+        self.last_saved: Path | None = None
+        self.last_saved_step = -1
 
-    run_dir = Path(cfg.out)
-    main = accelerator.is_main_process
-    W, rank = accelerator.num_processes, accelerator.process_index
-    info = _on_main(accelerator, lambda: prepare_run_dir(cfg))
-    for line in info["warnings"]:
-        display.warn(line)
-    resume_from = Path(info["resume"]) if info["resume"] else None
-    if cfg.resume and resume_from is None:
-        display.print(f"no usable checkpoint in {run_dir / ckpt.CHECKPOINTS}: starting from step 0")
-
-    # Sources first: a missing file fails before the model is loaded.
-    train_spec = resolve_source(cfg.data, cfg.resolved_data_config, cfg.data_split, cfg.text_field)
-    eval_spec = eval_source(cfg, train_spec)
-
-    # ---- model, tokenizer, optimizer. Seeding first makes a preset's initialisation reproducible; on
-    # resume, the RNG states saved with the checkpoint are restored below and replace this.
-    set_seed(cfg.seed)
-    model = load_model(str(resume_from) if resume_from else cfg.model)
-    tok_name = cfg.tokenizer or (
-        str(resume_from)
-        if resume_from
-        else PRESETS[cfg.model].tokenizer
-        if cfg.model in PRESETS
-        else cfg.model
-    )
-    tokenizer = load_tokenizer(tok_name, model_config=model.config)
-    limit = context_length(model.config)
-    if limit is not None and cfg.seq_len > limit:
-        raise ConfigError("seq_len", cfg.seq_len, f"must be ≤ the model's context length ({limit})")
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id >= model.config.vocab_size:
-        raise UserError(f"the tokenizer's EOS id {tokenizer.eos_token_id} is outside the model's vocabulary")
-    is_moe = bool(moe_layers_of(model))
-    description = describe_model(model, cfg.seq_len)
-    model.train()
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(
-        optimizer,
-        lr=cfg.lr,
-        min_lr=cfg.resolved_min_lr,
-        warmup=cfg.resolved_warmup,
-        steps=cfg.steps,
-        schedule=cfg.schedule,
-    )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # The scheduler is not prepared: Accelerate would step it once per process per optimizer step.
-    accelerator.register_for_checkpointing(scheduler)
-    # The model is saved as a Hugging Face folder beside training_state/; keep Accelerate from writing
-    # (and reading) a second copy of the weights there.
-    accelerator.register_save_state_pre_hook(lambda models, weights, out: weights.clear())
-    accelerator.register_load_state_pre_hook(lambda models, inp: models.clear())
-
-    # ---- data
-    blocks = PackedBlocks(
-        DocumentStream(train_spec, seed=cfg.seed), tokenizer, cfg.seq_len, cfg.shuffle_buffer, cfg.seed
-    )
-    step, tokens, skipped = 0, 0, 0
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from / ckpt.STATE_DIR))
-        state = ckpt.read_trainer_state(resume_from)
-        step, tokens, skipped = (
-            int(state["step"]),
-            int(state["tokens"]),
-            int(state.get("skipped_nonfinite", 0)),
-        )
-        blocks.restore(PipelineState.load(resume_from / ckpt.STATE_DIR))
-    evals = (
-        EvalBatches(eval_spec, tokenizer, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
-        if eval_spec
-        else None
-    )
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
-    if cfg.resume:
-        # Records written after the checkpoint (or all, when no checkpoint was usable) are redone.
-        metrics.truncate_after(step if resume_from is not None else -1)
-
-    # ---- trackers
-    if accelerator.log_with:
-        flat = {
-            k: (v if isinstance(v, (int, float, str, bool)) else str(v))
-            for k, v in cfg.resolved().to_dict().items()
-        }
-        init_kwargs = {
-            "tensorboard": {"purge_step": step} if cfg.resume else {},
-            "wandb": {"id": info["run_id"], "resume": "allow", "name": run_dir.name, "dir": str(run_dir)},
-        }
-        accelerator.init_trackers(cfg.wandb_project, config=flat, init_kwargs=init_kwargs)
-
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * W * cfg.seq_len
-    display.set_start(step)
-    display.print(f"model: {description}")
-    display.print(
-        f"data: {train_spec.describe()} → {cfg.seq_len}-token blocks, shuffle buffer {cfg.shuffle_buffer}, "
-        f"seed {cfg.seed}; eval: {eval_spec.describe() if eval_spec else 'none'}"
-    )
-    display.print(
-        f"effective batch: {cfg.batch_size * cfg.grad_accum * W} sequences = {cfg.batch_size} per process × "
-        f"{cfg.grad_accum} accumulation × {W} process{'es' if W > 1 else ''} = {tokens_per_step:,} tokens per step"
-    )
-    display.print(
-        f"schedule: {cfg.steps:,} steps, lr {cfg.lr:g} {cfg.schedule} → {cfg.resolved_min_lr:g}, warmup {cfg.resolved_warmup}; "
-        f"precision {cfg.precision}; {_parallelism(accelerator)} on {accelerator.device}"
-    )
-    if resume_from is not None:
-        display.print(f"resuming from {resume_from} (step {step:,}, {tokens:,} tokens)")
-    if accelerator.device.type == "cpu" and cfg.cpu_keep_memory and not keep_freed_memory():
-        display.print("note: --cpu-keep-memory has no effect here (it needs glibc's malloc)")
-
-    result = PretrainResult(run_dir, step, tokens, resumed_from=resume_from, skipped_nonfinite=skipped)
-    last_saved: Path | None = resume_from
-    last_saved_step = step if resume_from is not None else -1
-    prefetch = Prefetcher(
-        blocks, cfg.batch_size, W, rank, max_rounds=max(0, (cfg.steps - step) * cfg.grad_accum)
-    )
-
-    def write_extra(state_dir: Path) -> None:
-        prefetch.state.save(state_dir)
-        (state_dir / ckpt.TRAINER_STATE).write_text(
-            json.dumps(
-                {
-                    "step": step,
-                    "tokens": tokens,
-                    "skipped_nonfinite": skipped,
-                    "world_size": W,
-                    "batch_size": cfg.batch_size,
-                    "grad_accum": cfg.grad_accum,
-                    "seq_len": cfg.seq_len,
-                    "documents": prefetch.state.meta["docs"]["documents"],
-                    "run_id": info["run_id"],
-                    "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                },
-                indent=1,
+    def run(self) -> TrainResult:
+        task = self.task
+        self.folder = RunFolder(self.cfg, task.command, task.run_files, task.fixed_on_resume)
+        self.plan = on_main(self.acc, self.folder.plan)
+        for line in self.plan.warnings:
+            self.display.warn(line)
+        self.resume_from = Path(self.plan.resume) if self.plan.resume else None
+        if self.cfg.resume and self.resume_from is None:
+            self.display.print(
+                f"no usable checkpoint in {self.run_dir / ckpt.CHECKPOINTS}: starting from step 0"
             )
+        try:
+            self._setup()
+            self._start()
+            self._loop()
+            if self.result.stopped_by is None:
+                self._finish()
+            return self.result
+        except BaseException:
+            # A fresh run that fails before completing a step (no tokenizer, bad data, a too long
+            # --seq-len, Ctrl-C while loading) leaves nothing behind: the corrected command must not be
+            # refused as "holds a previous run" (issue 11).
+            if self.steps_this_session == 0 and self.main:
+                self.folder.discard(self.plan)
+            raise
+        finally:
+            task.close()
+            if hasattr(self, "result"):
+                self.result.documents_read = getattr(task, "documents_read", 0)
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self) -> None:
+        """Model, tokenizer and data (all may fail: nothing is written before them), optimizer, schedule,
+        Accelerate, the checkpoint's state; then the run folder is written."""
+        from accelerate.utils import set_seed
+
+        task, acc = self.task, self.acc
+        task.check_sources()
+        # Seeding first makes a fresh head's (or a preset's) initialisation reproducible; on resume, the
+        # RNG states saved with the checkpoint are restored below and replace this.
+        set_seed(self.cfg.seed)
+        model, self.tokenizer = task.load(self.resume_from)
+        task.prepare_data(acc, self.tokenizer, model)
+        self.total = task.total_steps()
+        self.display.set_total(self.total)
+        model.train()
+        optimizer = make_optimizer(model, self.cfg)
+        self.scheduler = make_scheduler(optimizer, **task.schedule(self.total))
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        # The scheduler is not prepared: Accelerate would step it once per process per optimizer step.
+        acc.register_for_checkpointing(self.scheduler)
+        # The model is saved as a Hugging Face folder beside training_state/; keep Accelerate from writing
+        # (and reading) a second copy of the weights there.
+        acc.register_save_state_pre_hook(lambda models, weights, out: weights.clear())
+        acc.register_load_state_pre_hook(lambda models, inp: models.clear())
+        self._restore()
+        on_main(acc, lambda: self.folder.commit(self.plan, self.cfg.resolved().to_dict()))
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.main)
+        if self.cfg.resume:
+            # Records written after the checkpoint (or all, when no checkpoint was usable) are redone.
+            self.metrics.truncate_after(self.step if self.resume_from is not None else -1)
+        self._start_trackers()
+        self.result = TrainResult(
+            self.run_dir,
+            self.step,
+            self.tokens,
+            resumed_from=self.resume_from,
+            skipped_nonfinite=self.skipped,
         )
+        self.result.best = self.best
 
-    def save() -> None:
-        nonlocal last_saved, last_saved_step
-        if last_saved_step == step:
+    def _restore(self) -> None:
+        if self.resume_from is None:
             return
-        folder = ckpt.checkpoint_path(run_dir, step)
-        t0 = time.perf_counter()
-        ckpt.save_checkpoint(accelerator, model, tokenizer, folder, step, write_extra)
-        if main:
-            for old in ckpt.prune(run_dir / ckpt.CHECKPOINTS, cfg.keep_last, step):
-                result.checkpoints = [c for c in result.checkpoints if c != old]
-        accelerator.wait_for_everyone()
-        last_saved, last_saved_step = folder, step
-        result.checkpoints.append(folder)
-        display.print(f"saved {folder} ({time.perf_counter() - t0:.1f} s)")
+        state_dir = self.resume_from / ckpt.STATE_DIR
+        self.acc.load_state(str(state_dir))
+        state = ckpt.read_trainer_state(self.resume_from)
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.skipped = int(state.get("skipped_nonfinite", 0))
+        self.best, self.best_eval = state.get("best"), state.get("best_eval")
+        self.task.restore(state_dir)
+        self.last_saved, self.last_saved_step = self.resume_from, self.step
 
-    def evaluate() -> None:
-        if evals is None:
+    def _start_trackers(self) -> None:
+        acc = self.acc
+        if not acc.log_with:
             return
-        res = evaluate_lm(
-            model,
-            evals.for_process(rank, W),
-            device=accelerator.device,
-            reduce=lambda t: accelerator.reduce(t, "sum"),
-        )
-        record = {"kind": "eval", "step": step, **res.to_dict()}
-        metrics.write(record)
-        if accelerator.log_with:
-            accelerator.log(tracker_scalars(record), step=step)
-        display.print(format_eval_line(record))
-        result.last_eval = record
-
-    keys = ("loss", *MOE_LOSSES) if is_moe else ("loss",)
-    stats_layers = moe_layers_of(model)
-    for moe in stats_layers.values():
-        moe.stats.reset()
-    interval = _Interval(keys)
-    stop = StopRequest(announce=main)
-    try:
-        with stop:
-            if step == 0 and evals is not None and cfg.steps > 0:
-                evaluate()  # the starting point: how much did upcycling cost? (step 0 of the curves)
-            interval.restart()
-            display.restart_clock()
-            while step < cfg.steps:
-                # --- one optimizer step: grad_accum micro-batches, then one all-reduce of the figures.
-                sums = forward_backward(
-                    accelerator, model, (prefetch.next() for _ in range(cfg.grad_accum)), keys
-                )
-                grad_norm = clip_gradients(accelerator, model, cfg.clip)
-                flag = torch.tensor([1.0 if stop.requested else 0.0], device=accelerator.device)
-                host = accelerator.reduce(torch.cat([sums, flag]), "sum").tolist()
-                n_micro = cfg.grad_accum * W
-                values = {k: host[i] / n_micro for i, k in enumerate(keys)}
-                correct_n, counted_n, stop_all = host[len(keys)], host[len(keys) + 1], host[-1] > 0
-                gnorm = float(grad_norm) if grad_norm is not None else float("nan")
-
-                bad_loss = not math.isfinite(values["loss"])
-                # fp16 overflows are routine: the GradScaler skips those steps and lowers its scale.
-                bad_grad = grad_norm is not None and not math.isfinite(gnorm) and cfg.precision != "fp16"
-                if bad_loss or bad_grad:
-                    if not cfg.skip_nonfinite:
-                        what, value = ("loss", values["loss"]) if bad_loss else ("gradient norm", gnorm)
-                        raise NonFiniteError(step + 1, what, value, last_saved)
-                    skipped += 1
-                    if accelerator.scaler is not None:
-                        accelerator.scaler.update()  # close the scaler's unscale_ of this step
-                else:
-                    optimizer.step()
-                lr = optimizer.param_groups[0]["lr"]
-                scheduler.step()  # the schedule follows the step count, skipped steps included
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                tokens += tokens_per_step
-                result.step, result.tokens, result.skipped_nonfinite = step, tokens, skipped
-                interval.add(values, correct_n, counted_n, gnorm, tokens_per_step)
-                display.step(step, values["loss"], interval.tokens_per_s())
-
-                if step % cfg.log_every == 0 or step == cfg.steps or stop_all:
-                    record = {
-                        "kind": "train",
-                        "step": step,
-                        **interval.means(),
-                        "lr": lr,
-                        "tokens": tokens,
-                        "skipped_nonfinite": skipped,
-                        "epoch": prefetch.state.meta["docs"]["epoch"],
-                    }
-                    if stats_layers:
-                        record["routing"] = {
-                            str(i): s
-                            for i, s in routing_summary(
-                                {i: m.stats for i, m in stats_layers.items()},
-                                reduce=lambda t: accelerator.reduce(t, "sum"),
-                            ).items()
-                        }
-                        for moe in stats_layers.values():
-                            moe.stats.reset()  # each record covers its own interval
-                    metrics.write(record)
-                    if accelerator.log_with:
-                        accelerator.log(tracker_scalars(record), step=step)
-                    display.train_record(record)
-                    interval.restart()
-                if evals is not None and (
-                    (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
-                ):
-                    evaluate()
-                    interval.restart_clock()
-                if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stop_all:
-                    save()
-                    interval.restart_clock()
-                if on_step is not None:
-                    on_step(step, {**values, "lr": lr, "grad_norm": gnorm})
-                if stop_all:
-                    result.stopped_by = stop.signum or 15  # another process received it
-                    display.print(f"stopped at step {step:,}; resume with --resume")
-                    break
-        if result.stopped_by is None:
-            if last_saved_step != step:
-                save()
-            result.final_dir = save_final(accelerator, model, tokenizer, run_dir, result)
-            display.print(f"done: {step:,} steps, {tokens:,} tokens; model in {result.final_dir}")
-    finally:
-        prefetch.close()
-        result.documents_read = prefetch.session_documents
-    return result
-
-
-def save_final(accelerator, model, tokenizer, run_dir: Path, result: PretrainResult) -> Path:
-    """``RUN_DIR/final``: the trained model as a Hugging Face folder (written atomically)."""
-    from accelerate.utils import broadcast_object_list
-
-    from upcycle.io import atomic_output_dir
-
-    final = run_dir / "final"
-    main = accelerator.is_main_process
-    with contextlib.ExitStack() as stack:
-        tmp = stack.enter_context(atomic_output_dir(final, overwrite=True)) if main else None
-        tmp = Path(broadcast_object_list([str(tmp) if main else None])[0])
-        ckpt.save_model(accelerator, model, tokenizer, tmp)
-        if main:
-            summary = {
-                "step": result.step,
-                "tokens": result.tokens,
-                "skipped_nonfinite": result.skipped_nonfinite,
-                "last_eval": {k: v for k, v in (result.last_eval or {}).items() if k != "routing"} or None,
+        # The resolved options are recorded once per run (a resume must not add another hparams run).
+        config = None
+        if self.step == 0 and self.plan.fresh:
+            config = {
+                k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                for k, v in self.task.tracker_config().items()
+                if v is not None
             }
-            (tmp / "training.json").write_text(json.dumps(summary, indent=1))
-        accelerator.wait_for_everyone()
-    accelerator.wait_for_everyone()
-    return final
+        init_kwargs = {
+            "tensorboard": {"purge_step": self.step} if self.cfg.resume else {},
+            "wandb": {
+                "id": self.plan.run_id,
+                "resume": "allow",
+                "name": self.run_dir.name,
+                "dir": str(self.run_dir),
+            },
+        }
+        acc.init_trackers(self.cfg.wandb_project, config=config, init_kwargs=init_kwargs)
+
+    def _start(self) -> None:
+        """Say what will run, report checkpoints this run will not touch, start the data stream."""
+        cfg, acc, display = self.cfg, self.acc, self.display
+        display.set_start(self.step)
+        for line in self.task.describe(acc, self.total):
+            display.print(line)
+        sched = self.task.schedule(self.total)
+        display.print(
+            f"schedule: {self.total:,} steps, lr {cfg.lr:g} {cfg.schedule} → {sched['min_lr']:g}, warmup "
+            f"{sched['warmup']}; precision {cfg.precision}; {parallelism(acc)} on {acc.device}"
+        )
+        if self.resume_from is not None:
+            display.print(f"resuming from {self.resume_from} (step {self.step:,}, {self.tokens:,} tokens)")
+        if acc.device.type == "cpu" and cfg.cpu_keep_memory and not keep_freed_memory():
+            display.print("note: --cpu-keep-memory has no effect here (it needs glibc's malloc)")
+        if self.main:
+            for folder, why in ckpt.foreign_checkpoints(self.run_dir / ckpt.CHECKPOINTS, self.plan.run_id):
+                display.warn(
+                    f"kept {folder} ({why}): this run did not write it, so it is never deleted; remove it "
+                    "yourself if it is not needed"
+                )
+        self._check_best_folder()
+        self.task.start(acc, self.step, self.total)
+        self.stats_layers = moe_layers_of(self.model)
+        for moe in self.stats_layers.values():
+            moe.stats.reset()
+
+    def _check_best_folder(self) -> None:
+        """On resume, best/ must be the best of the run up to the checkpoint: one written after it (by a
+        session that ended before its next checkpoint) is rebuilt from the best checkpoint."""
+        if not (self.main and self.task.select_key and self.resume_from is not None):
+            return
+        want = None if self.best is None else int(self.best["step"])
+        if best_step(self.run_dir) == want:
+            return
+        source = ckpt.checkpoint_path(self.run_dir, want) if want is not None else None
+        if source is not None and ckpt.verify_checkpoint(source) is None:
+            write_best(
+                self.run_dir, source, self._best_summary(ckpt.read_trainer_state(source).get("best_eval"))
+            )
+            self.display.warn(
+                f"rebuilt {self.run_dir / 'best'} from {source}: it held a model from after the checkpoint"
+            )
+        elif (self.run_dir / "best").exists():
+            import shutil
+
+            shutil.rmtree(self.run_dir / "best")
+            self.display.warn("removed best/: it held a model from after the checkpoint resumed from")
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        task, cfg = self.task, self.cfg
+        self.interval = _Interval(task.keys)
+        stop = StopRequest(announce=self.main)
+        with stop:
+            if self.step == 0 and task.evaluates() and self.total > 0:
+                self._evaluate()  # the starting point: step 0 of the curves
+            self.interval.restart()
+            self.display.restart_clock()
+            while self.step < self.total:
+                values, lr, gnorm, stop_all = self._one_step(stop)
+                step = self.step
+                if step % cfg.log_every == 0 or step == self.total or stop_all:
+                    self._log(lr)
+                if task.evaluates() and task.eval_due(step, self.total):
+                    self._evaluate()
+                    self.interval.restart_clock()
+                if (cfg.save_every and step % cfg.save_every == 0) or step == self.total or stop_all:
+                    self._save()
+                    self.interval.restart_clock()
+                if self.on_step is not None:
+                    self.on_step(step, {**values, "lr": lr, "grad_norm": gnorm})
+                if stop_all:
+                    self.result.stopped_by = stop.signum or 15  # another process received it
+                    self.display.print(f"stopped at step {step:,}; resume with --resume")
+                    break
+
+    def _one_step(self, stop: StopRequest) -> tuple[dict, float, float, bool]:
+        """Forward/backward of the step's micro-batches, one all-reduce of the figures, then the update
+        (or the named non-finite stop)."""
+        acc, cfg, keys = self.acc, self.cfg, self.task.keys
+        sums = self.task.forward_backward(acc, self.model)
+        grad_norm = clip_gradients(acc, self.model, cfg.clip)
+        flag = torch.tensor([1.0 if stop.requested else 0.0], device=acc.device)
+        host = acc.reduce(torch.cat([sums, flag]), "sum").tolist()
+        n_micro = cfg.grad_accum * self.W
+        values = {k: host[i] / n_micro for i, k in enumerate(keys)}
+        correct, counted, tokens = host[len(keys) : len(keys) + 3]
+        stop_all = host[-1] > 0
+        gnorm = float(grad_norm) if grad_norm is not None else float("nan")
+
+        bad_loss = not math.isfinite(values["loss"])
+        # fp16 overflows are routine: the GradScaler skips those steps and lowers its scale.
+        bad_grad = grad_norm is not None and not math.isfinite(gnorm) and cfg.precision != "fp16"
+        if bad_loss or bad_grad:
+            if not cfg.skip_nonfinite:
+                what, value = ("loss", values["loss"]) if bad_loss else ("gradient norm", gnorm)
+                raise NonFiniteError(self.step + 1, what, value, self.last_saved)
+            self.skipped += 1
+            if acc.scaler is not None:
+                acc.scaler.update()  # close the scaler's unscale_ of this step
+        else:
+            self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()  # the schedule follows the step count, skipped steps included
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.steps_this_session += 1
+        self.tokens += round(tokens)
+        r = self.result
+        r.step, r.tokens, r.skipped_nonfinite = self.step, self.tokens, self.skipped
+        self.interval.add(values, correct, counted, gnorm, round(tokens))
+        self.display.step(self.step, values["loss"], self.interval.tokens_per_s(), self.interval.accuracy())
+        return values, lr, gnorm, stop_all
+
+    def _log(self, lr: float) -> None:
+        record = {
+            "kind": "train",
+            "step": self.step,
+            **self.interval.means(),
+            "lr": lr,
+            "tokens": self.tokens,
+            "skipped_nonfinite": self.skipped,
+            **self.task.record_fields(),
+        }
+        if self.stats_layers:
+            stats = {i: m.stats for i, m in self.stats_layers.items()}
+            summary = routing_summary(stats, reduce=lambda t: self.acc.reduce(t, "sum"))
+            record["routing"] = {str(i): s for i, s in summary.items()}
+            for moe in self.stats_layers.values():
+                moe.stats.reset()  # each record covers its own interval
+        self._write(record)
+        self.display.train_record(record)
+        self.interval.restart()
+
+    def _write(self, record: dict) -> None:
+        self.metrics.write(record)
+        if self.acc.log_with:
+            self.acc.log(tracker_scalars(record), step=record["step"])
+
+    def _evaluate(self) -> None:
+        record = self.task.evaluate(self.acc, self.model, self.step)
+        self._write(record)
+        self.display.print(self.task.format_eval(record))
+        self.result.last_eval = record
+        key = self.task.select_key
+        if key is None or self.step == 0:
+            return  # the untrained head at step 0 is no candidate for best/
+        value = record.get(key)
+        if (
+            value is None
+            or not math.isfinite(value)
+            or (self.best is not None and value <= self.best["value"])
+        ):
+            return
+        self.best = {"step": self.step, "value": value}
+        self.result.best = self.best
+        self.best_eval = {k: v for k, v in record.items() if k != "routing"}
+        self._save()  # best/ is linked from this checkpoint, which pruning then keeps
+        if self.main:
+            write_best(self.run_dir, self.last_saved, self._best_summary(self.best_eval))
+        self.acc.wait_for_everyone()
+        self.result.best_dir = self.run_dir / "best"
+        self.display.print(f"best {key} so far ({value:.4f}): step {self.step:,} → {self.result.best_dir}")
+
+    def _best_summary(self, record: dict | None) -> dict:
+        return {"step": self.best["step"], self.task.select_key: self.best["value"], "eval": record}
+
+    # ------------------------------------------------------------------ saving
+    def _save(self) -> None:
+        if self.last_saved_step == self.step:
+            return
+        folder = ckpt.checkpoint_path(self.run_dir, self.step)
+        if self.main and folder.exists() and not ckpt.owned_by(folder, self.plan.run_id):
+            moved = ckpt.set_aside(folder)
+            self.display.warn(
+                f"{folder} was not written by this run; moved it to {moved} to save step {self.step}"
+            )
+        t0 = time.perf_counter()
+        ckpt.save_checkpoint(self.acc, self.model, self.tokenizer, folder, self.step, self._write_state)
+        if self.main:
+            protect = (int(self.best["step"]),) if self.best else ()
+            root = self.run_dir / ckpt.CHECKPOINTS
+            for old in ckpt.prune(root, self.cfg.keep_last, self.step, self.plan.run_id, protect):
+                self.result.checkpoints = [c for c in self.result.checkpoints if c != old]
+        self.acc.wait_for_everyone()
+        self.last_saved, self.last_saved_step = folder, self.step
+        self.result.checkpoints.append(folder)
+        self.display.print(f"saved {folder} ({time.perf_counter() - t0:.1f} s)")
+
+    def _write_state(self, state_dir: Path) -> None:
+        extra = self.task.save_state(state_dir)
+        state = {
+            "step": self.step,
+            "tokens": self.tokens,
+            "skipped_nonfinite": self.skipped,
+            "world_size": self.W,
+            "batch_size": self.cfg.batch_size,
+            "grad_accum": self.cfg.grad_accum,
+            **extra,
+            "run_id": self.plan.run_id,
+            "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        if self.task.select_key:
+            state["best"] = self.best
+            state["best_eval"] = self.best_eval
+        (state_dir / ckpt.TRAINER_STATE).write_text(json.dumps(state, indent=1))
+
+    def _finish(self) -> None:
+        if self.last_saved_step != self.step:
+            self._save()
+        self.result.final_dir = self._save_final()
+        self.display.print(
+            f"done: {self.step:,} steps, {self.tokens:,} tokens; model in {self.result.final_dir}"
+        )
+
+    def _save_final(self) -> Path:
+        """``RUN_DIR/final``: the trained model as a Hugging Face folder (written atomically)."""
+        from accelerate.utils import broadcast_object_list
+
+        from upcycle.io import atomic_output_dir
+
+        final, acc, r = self.run_dir / "final", self.acc, self.result
+        with contextlib.ExitStack() as stack:
+            tmp = stack.enter_context(atomic_output_dir(final, overwrite=True)) if self.main else None
+            tmp = Path(broadcast_object_list([str(tmp) if self.main else None])[0])
+            ckpt.save_model(acc, self.model, self.tokenizer, tmp)
+            if self.main:
+                summary = {
+                    "step": r.step,
+                    "tokens": r.tokens,
+                    "skipped_nonfinite": r.skipped_nonfinite,
+                    "last_eval": {k: v for k, v in (r.last_eval or {}).items() if k != "routing"} or None,
+                }
+                if self.task.select_key:
+                    summary["best"] = self.best
+                (tmp / "training.json").write_text(json.dumps(summary, indent=1))
+            acc.wait_for_everyone()
+        acc.wait_for_everyone()
+        return final
 
 
 class _Interval:
@@ -681,6 +557,9 @@ class _Interval:
         dt = time.perf_counter() - self.t0
         return self.clock_tokens / dt if dt > 0 and self.clock_tokens else None
 
+    def accuracy(self) -> float | None:
+        return self.correct / self.counted if self.counted else None
+
     def means(self) -> dict:
         n = max(self.n, 1)
         out = {k: self.sums[k] / n for k in self.keys}
@@ -690,4 +569,18 @@ class _Interval:
         return out
 
 
-__all__ = ["NonFiniteError", "PretrainResult", "load_model", "make_optimizer", "pretrain"]
+#: Names that moved to :mod:`upcycle.training.pretraining` when the engine was shared with fine-tuning;
+#: still importable from here.
+_MOVED = ("MOE_LOSSES", "EvalBatches", "context_length", "describe_model", "eval_source", "forward_backward",
+          "load_model", "pretrain")  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        from upcycle.training import pretraining
+
+        return getattr(pretraining, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["NonFiniteError", "PretrainResult", "TrainResult", "clip_gradients", "make_optimizer", "train"]

@@ -75,6 +75,11 @@ def tracker_scalars(record: dict[str, Any]) -> dict[str, float]:
         if key in ("kind", "step", "routing") or isinstance(value, (dict, list, str)) or value is None:
             continue
         out[f"{kind}/{key}"] = float(value)
+    # Fine-tuning's per-language validation figures: eval/fr/accuracy, eval/fr/loss.
+    for lang, figures in (record.get("languages") or {}).items():
+        for key in ("accuracy", "loss"):
+            if key in figures:
+                out[f"{kind}/{lang}/{key}"] = float(figures[key])
     prefix = "routing" if kind == "train" else f"{kind}_routing"
     for layer, stats in (record.get("routing") or {}).items():
         for e, frac in enumerate(stats["fraction"]):
@@ -97,6 +102,8 @@ def format_train_line(record: dict, total_steps: int, eta_s: float) -> str:
     parts = [f"step {record['step']}/{total_steps}", f"loss {record['loss']:.4f}"]
     if "lm_loss" in record:
         parts.append(f"lm {record['lm_loss']:.4f}")
+    if "task_loss" in record:
+        parts.append(f"task {record['task_loss']:.4f}")
     if "aux_loss" in record:
         parts.append(f"aux {record['aux_loss']:.4g}")
     parts += [
@@ -119,7 +126,7 @@ def format_eval_line(record: dict) -> str:
 
 
 class Display:
-    """A rich progress bar (step, loss, tokens/s, ETA) on a terminal, plain log lines otherwise.
+    """A rich progress bar (step, loss, accuracy, tokens/s, ETA) on a terminal, plain log lines otherwise.
 
     Only the main process displays anything.
     """
@@ -143,13 +150,22 @@ class Display:
                 TextColumn("step {task.completed}/{task.total}"),
                 BarColumn(),
                 TextColumn("loss {task.fields[loss]}"),
+                TextColumn("acc {task.fields[acc]}"),
                 TextColumn("{task.fields[tps]} tok/s"),
                 TextColumn("ETA"),
                 TimeRemainingColumn(),
                 console=self.console,
             )
-            self.task = self.bar.add_task("train", total=total_steps, completed=start_step, loss="-", tps="-")
+            self.task = self.bar.add_task(
+                "train", total=total_steps, completed=start_step, loss="-", acc="-", tps="-"
+            )
             self.bar.start()
+
+    def set_total(self, total_steps: int) -> None:
+        """The run's length, once known (fine-tuning: from the data size and --epochs)."""
+        self.total = total_steps
+        if self.bar is not None:
+            self.bar.update(self.task, total=total_steps)
 
     def set_start(self, step: int) -> None:
         """The step a (resumed) run starts from: the bar starts there, the ETA counts from there."""
@@ -166,11 +182,14 @@ class Display:
             return float("nan")
         return (time.perf_counter() - self.t0) / done * (self.total - step)
 
-    def step(self, step: int, loss: float, tokens_per_s: float | None) -> None:
+    def step(self, step: int, loss: float, tokens_per_s: float | None, accuracy: float | None = None) -> None:
+        """Move the bar: the step's loss, the running accuracy of the log interval, tokens/s, ETA."""
         if self.bar is not None:
             fields = {"loss": f"{loss:.4f}"}
             if tokens_per_s is not None:
                 fields["tps"] = f"{tokens_per_s:,.0f}"
+            if accuracy is not None:
+                fields["acc"] = f"{accuracy:.3f}"
             self.bar.update(self.task, completed=step, **fields)
 
     def train_record(self, record: dict) -> None:
