@@ -75,7 +75,7 @@ def test_resume_of_missing_or_incompatible_runs(base, corpus, dense_dir, tmp_pat
     nope = tmp_path / "nope"
     rc, err = run_cli(["--out", str(nope), "--resume"], capsys)
     assert rc == 2 and err == [
-        f"error: --out='{nope}' is invalid: holds no run to resume (no config.yaml there); start one by giving --model"
+        f"error: --out='{nope}' is invalid: no run to resume: the folder does not exist; start one with --model"
     ]
     assert not nope.exists()
 

@@ -78,12 +78,6 @@ def config_from_args(args, cls=PretrainConfig, command: str = "pretrain"):
         if (run_dir / "config.yaml").is_file():
             check_command(run_dir, command, top["out"])
             saved = _read_layer(run_dir / "config.yaml", cls)
-        elif not top.get("model"):
-            # Nothing to continue and nothing to start: say so, instead of asking for --model.
-            what = "does not exist" if not run_dir.exists() else "holds no run (no config.yaml)"
-            raise ConfigError(
-                "out", top["out"], f"no run to resume: the folder {what}; start one with --model"
-            )
     merged = _expand_paths(merge_layers(saved, yaml_layer, flags))
     from upcycle.config import from_dict
 

@@ -223,10 +223,10 @@ def resolve_paths(cfg, fields: tuple[str, ...]):
 
 def check_run_exists(cfg) -> None:
     """``--resume`` without ``--model`` needs a run to resume: say so instead of blaming --model."""
-    if cfg.resume and not cfg.model and not (Path(cfg.out).expanduser() / "config.yaml").is_file():
-        raise ConfigError(
-            "out", cfg.out, "holds no run to resume (no config.yaml there); start one by giving --model"
-        )
+    run_dir = Path(cfg.out).expanduser()
+    if cfg.resume and not cfg.model and not (run_dir / "config.yaml").is_file():
+        what = "does not exist" if not run_dir.exists() else "holds no run (no config.yaml)"
+        raise ConfigError("out", cfg.out, f"no run to resume: the folder {what}; start one with --model")
 
 
 def check_resume_compatible(saved, current, fixed: tuple[str, ...] = FIXED_ON_RESUME) -> None:

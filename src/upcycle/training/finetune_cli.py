@@ -20,7 +20,7 @@ Examples:
 from __future__ import annotations
 
 from upcycle.config import ConfigError, add_dataclass_flags
-from upcycle.training.finetune_config import FinetuneConfig
+from upcycle.training.finetune_config import FinetuneConfig, resolve_languages
 
 HELP = "fine-tune MoE and dense models for classification (XNLI by default); resumable, keeps the best"
 
@@ -47,6 +47,7 @@ def check(args) -> FinetuneConfig:
     cfg = config_from_args(args)
     cfg.check_runnable()
     preflight_model_and_out(cfg)
+    resolve_languages(cfg)  # an unknown language or a missing language folder, before the hub is asked
     if is_local(cfg.data):
         if not expand_path(cfg.data).is_dir():
             raise ConfigError("data", cfg.data, "no such folder")

@@ -248,3 +248,39 @@ def _check_int(cfg, name: str, minimum: int | None) -> None:
 
 
 __all__ = ["FIXED_ON_RESUME", "FinetuneConfig", "Freeze"]
+
+
+def resolve_languages(cfg: FinetuneConfig) -> list[str | None]:
+    """The train languages (dataset configurations) in the order given; [None] for 'none'. Light (no
+    torch): ``upcycle finetune``'s check runs it before anything heavy is imported."""
+    from pathlib import Path
+
+    from upcycle.data.xnli import XNLI_HUB, XNLI_LANGUAGES, is_local, parse_languages
+
+    spec = cfg.train_languages.strip()
+    if spec.lower() == "none":
+        return [None]
+    if not is_local(cfg.data):
+        allowed = XNLI_LANGUAGES if cfg.data == XNLI_HUB else None
+        return parse_languages(spec, field="train_languages", allowed=allowed)
+    root = Path(cfg.data).expanduser()
+    if not root.is_dir():
+        raise ConfigError("data", cfg.data, "no such folder (give a hub id or a local hub-layout folder)")
+    there = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    ordered = [lang for lang in XNLI_LANGUAGES if lang in there] + sorted(set(there) - set(XNLI_LANGUAGES))
+    if spec == "all":
+        if not ordered:
+            raise ConfigError("train_languages", spec, f"{cfg.data} has no language folders")
+        return ordered
+    languages = parse_languages(spec, field="train_languages", allowed=None)
+    for lang in languages:
+        if lang not in there:
+            hint = (
+                "" if ordered else " (use --train-languages none for a folder without language sub-folders)"
+            )
+            raise ConfigError(
+                "train_languages",
+                lang,
+                f"{cfg.data} has no folder for it; it has {', '.join(ordered) or 'none'}{hint}",
+            )
+    return languages

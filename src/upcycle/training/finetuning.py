@@ -29,19 +29,15 @@ import torch.nn.functional as F
 from upcycle.config import ConfigError, UserError
 from upcycle.data.classification import EncodedExamples, TrainBatches, eval_batches
 from upcycle.data.xnli import (
-    XNLI_HUB,
-    XNLI_LANGUAGES,
     PairFormat,
     check_fields,
     encode_examples,
-    is_local,
     label_names,
     load_split,
-    parse_languages,
 )
 from upcycle.evaluation.lm import isolated_routing_stats, moe_layers_of, routing_summary
 from upcycle.models.pooling import sequence_logits
-from upcycle.training.finetune_config import FIXED_ON_RESUME, FinetuneConfig
+from upcycle.training.finetune_config import FIXED_ON_RESUME, FinetuneConfig, resolve_languages
 from upcycle.training.loop import TrainResult, train
 from upcycle.training.pretraining import MOE_LOSSES, context_length, describe_model, pad_token_for
 from upcycle.training.task import Task
@@ -67,37 +63,6 @@ def quiet_datasets():
     finally:
         if was:
             ds_logging.enable_progress_bar()
-
-
-def resolve_languages(cfg: FinetuneConfig) -> list[str | None]:
-    """The train languages (dataset configurations) in the order given; [None] for 'none'."""
-    spec = cfg.train_languages.strip()
-    if spec.lower() == "none":
-        return [None]
-    if not is_local(cfg.data):
-        allowed = XNLI_LANGUAGES if cfg.data == XNLI_HUB else None
-        return parse_languages(spec, field="train_languages", allowed=allowed)
-    root = Path(cfg.data).expanduser()
-    if not root.is_dir():
-        raise ConfigError("data", cfg.data, "no such folder (give a hub id or a local hub-layout folder)")
-    there = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    ordered = [lang for lang in XNLI_LANGUAGES if lang in there] + sorted(set(there) - set(XNLI_LANGUAGES))
-    if spec == "all":
-        if not ordered:
-            raise ConfigError("train_languages", spec, f"{cfg.data} has no language folders")
-        return ordered
-    languages = parse_languages(spec, field="train_languages", allowed=None)
-    for lang in languages:
-        if lang not in there:
-            hint = (
-                "" if ordered else " (use --train-languages none for a folder without language sub-folders)"
-            )
-            raise ConfigError(
-                "train_languages",
-                lang,
-                f"{cfg.data} has no folder for it; it has {', '.join(ordered) or 'none'}{hint}",
-            )
-    return languages
 
 
 def label_ids(values: list, names: list[str], where: str) -> list[int]:

@@ -52,18 +52,9 @@ def _quiet_hf_notes() -> None:
 
 def load_model(name: str):
     """A causal LM in float32 from a folder (upcycled or dense), a preset (from scratch) or a hub id."""
-    from transformers import AutoModelForCausalLM
+    from upcycle.models.loading import load_causal_lm
 
-    from upcycle.models.loading import first_line, model_source
-    from upcycle.models.presets import PRESETS, build_model
-
-    if name in PRESETS and not Path(name).expanduser().is_dir():
-        return build_model(name)
-    source = model_source(name)
-    try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load model '{name}': {first_line(exc)}") from exc
+    return load_causal_lm(name)
 
 
 def context_length(config) -> int | None:
