@@ -110,6 +110,10 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         """float32 logits (T, E). Jitter and noise are applied here, in training only."""
+        if torch.is_autocast_enabled(x_TD.device.type):
+            # Autocast would run the linears below in bf16/fp16: router maths stays float32 (see above).
+            with torch.autocast(x_TD.device.type, enabled=False):
+                return self.forward(x_TD)
         cfg = self.config
         if cfg.router_mode == "random":
             # Fan et al. (2024) "Random" routing: fresh router weights at every call.
