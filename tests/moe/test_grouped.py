@@ -236,7 +236,7 @@ def test_hooks_adapters_and_mixed_dtypes_keep_the_module_loop(taken):
 
 # ---------------------------------------------------------------------------------------------- layout
 def is_tied(experts: ExpertList) -> bool:
-    return bool(experts.stacks) and experts.parameters_in_stacks(check_storage=True) is not None
+    return bool(experts.stacks) and experts.is_tied()
 
 
 def test_expert_parameters_are_views_into_one_stack_per_projection():

@@ -225,6 +225,7 @@ class ExpertList(nn.ModuleList):
     def __init__(self, experts=None):
         super().__init__(experts)
         self.stacks: list[Stack] = []
+        self._tie: _Tie | None = None
         self._retied_last_forward = False
         self._left_untied = False
         self.register_state_dict_post_hook(_copy_expert_tensors)
@@ -237,8 +238,7 @@ class ExpertList(nn.ModuleList):
         """Copy every expert's parameters into fresh stacks and make them views of those; False (and no
         stacks) when the experts cannot share one: different types, shapes, dtypes or devices, adapters
         or tensor subclasses in place of plain ``nn.Linear`` weights, or sharded parameters."""
-        self.stacks = []
-        self._left_untied = False
+        self.stacks, self._tie, self._left_untied = [], None, False
         if not self._tieable():
             return False
         stacks = []
@@ -252,6 +252,7 @@ class ExpertList(nn.ModuleList):
             bias = self._stack(names, "bias", r) if self[0]._modules[names[0]].bias is not None else None
             stacks.append(Stack(weight, bias, tuple(rows)))
         self.stacks = stacks
+        self._tie = _Tie.of(self)
         return True
 
     def _tieable(self) -> bool:
@@ -285,50 +286,42 @@ class ExpertList(nn.ModuleList):
                 r += p.shape[0]
         return stack
 
-    def parameters_in_stacks(self, check_storage: bool) -> list[list[nn.Parameter]] | None:
-        """Per stack, its parameters in :meth:`gradient_layout` order, fetched from the modules now (a
-        replaced parameter must get the gradient). With ``check_storage``, None unless every one is still
-        a view into its stack (not traceable by ``torch.compile``: it reads storage addresses)."""
-        out = []
-        for stack in self.stacks:
-            params = []
-            for kind, tensor in (("weight", stack.weight), ("bias", stack.bias)):
-                if tensor is None:
-                    continue
-                for e, expert in enumerate(self):
-                    for name, r0, _ in stack.rows:
-                        p = expert._modules[name]._parameters.get(kind)
-                        if check_storage and (p is None or p.data_ptr() != _address(tensor, e, r0)):
-                            return None
-                        params.append(p)
-            out.append(params)
-        return out
-
-    def gradient_layout(self, index: int) -> tuple[tuple[int, int, int, int], ...]:
-        """For each parameter of stack ``index`` (order of :meth:`parameters_in_stacks`): (0 weight / 1 bias,
-        expert, r0, r1), i.e. where its gradient lies in the stacked gradient."""
-        stack = self.stacks[index]
-        kinds = (0, 1) if stack.bias is not None else (0,)
-        return tuple((k, e, r0, r1) for k in kinds for e in range(len(self)) for _, r0, r1 in stack.rows)
+    def is_tied(self) -> bool:
+        """Whether the experts are the modules tied last and every parameter is a view into its stack."""
+        return self._tie is not None and self._tie.modules_unchanged() and self._tie.parameters(True) is not None
 
     def retie_if_needed(self) -> None:
-        if not self.stacks or self.parameters_in_stacks(check_storage=True) is None:
+        if not self.is_tied():
             self.tie()
 
-    def ensure_tied(self) -> bool:
-        """Called by each grouped forward: whether the parameters are (again) views into the stacks."""
-        if torch.compiler.is_compiling():
-            # Storage addresses cannot be read while tracing; the tie was made in eager mode (construction,
-            # .to(), loading, eval()/train()).
-            return bool(self.stacks)
-        if not self.stacks or self._left_untied:
-            return False
-        if self.parameters_in_stacks(check_storage=True) is not None:
-            self._retied_last_forward = False
-            return True
+    def gradient_layout(self, index: int) -> tuple[tuple[int, int, int, int], ...]:
+        """For each parameter of stack ``index`` (order of :meth:`grouped_parameters`): (0 weight / 1 bias,
+        expert, r0, r1), i.e. where its gradient lies in the stacked gradient."""
+        return self._tie.layouts[index]
+
+    def grouped_parameters(self) -> list[list[nn.Parameter]] | None:
+        """For a grouped forward: per stack, its parameters as the modules hold them now (a replaced one must
+        get the gradient), or None for the module loop: hooks on an expert, a projection that is no plain
+        ``nn.Linear``, or parameters that cannot be tied. A replaced parameter or projection is re-tied
+        once (a copy); if the tie breaks again right away, something rebinds parameter storage every step
+        (a sharding wrapper) and this layer leaves the parameters to it."""
+        tie = self._tie
+        if tie is None or self._left_untied:
+            return None
+        compiling = torch.compiler.is_compiling()
+        unchanged = tie.unchanged_and_unhooked()
+        if not unchanged and tie.hooked():
+            return None
+        if unchanged:
+            # Storage addresses cannot be read while torch.compile traces: the tie made in eager mode
+            # (construction, .to(), loading, eval()/train()) is assumed.
+            params = tie.parameters(check_storage=not compiling)
+            if params is not None:
+                self._retied_last_forward = False
+                return params
+        if compiling:
+            return None
         if self._retied_last_forward:
-            # Separated again right after a re-tie: something rebinds the parameters' storage every step
-            # (a sharding wrapper). Leave the parameters to it and run the module loop.
             warnings.warn(
                 "routed experts: parameters were moved out of their stacked storage again right after being "
                 "re-tied; this layer runs its experts one after another from now on (ExpertList.tie() re-enables "
@@ -336,9 +329,9 @@ class ExpertList(nn.ModuleList):
                 stacklevel=3,
             )
             self._left_untied = True
-            return False
+            return None
         self._retied_last_forward = True
-        return self.tie()
+        return self._tie.parameters(check_storage=False) if self.tie() and not self._tie.hooked() else None
 
     # ------------------------------------------------------------------ module protocol
     def _apply(self, fn, recurse=True):
@@ -353,7 +346,7 @@ class ExpertList(nn.ModuleList):
         return self
 
     def __getstate__(self):
-        return {**self.__dict__, "stacks": [], "_untied_copy": bool(self.stacks)}
+        return {**self.__dict__, "stacks": [], "_tie": None, "_untied_copy": bool(self.stacks)}
 
     def __setstate__(self, state):
         untied = state.pop("_untied_copy", False)
@@ -362,9 +355,67 @@ class ExpertList(nn.ModuleList):
             self.tie()
 
 
-def _address(stack: torch.Tensor, e: int, r0: int) -> int:
-    """Address of row r0 of expert e in ``stack``."""
-    return stack.data_ptr() + (e * stack.stride(0) + r0 * stack.stride(1)) * stack.element_size()
+class _Tie:
+    """What :meth:`ExpertList.tie` built, laid out for the checks that run on every grouped forward, for
+    every expert: flat tuples of the modules' own dicts."""
+
+    def __init__(self, owners, slots, layouts):
+        self.owners = owners
+        """(parent's ``_modules``, key, module) for every expert and projection: replacements are noticed."""
+        self.slots = slots
+        """Per stack: ((weight, bias) tensors, ((module's ``_parameters``, 'weight'/'bias', 0/1, byte offset),
+        ...)), the parameters in gradient order."""
+        self.layouts = layouts
+        """Per stack, per parameter: (0 weight / 1 bias, expert, r0, r1)."""
+
+    @classmethod
+    def of(cls, experts: ExpertList) -> _Tie:
+        owners, slots, layouts = [], [], []
+        for key, expert in experts._modules.items():
+            owners.append((experts._modules, key, expert))
+            owners.extend((expert._modules, name, m) for name, m in expert._modules.items())
+        for stack in experts.stacks:
+            entries, layout = [], []
+            for k, (kind, tensor) in enumerate((("weight", stack.weight), ("bias", stack.bias))):
+                if tensor is None:
+                    continue
+                for e, expert in enumerate(experts):
+                    for name, r0, r1 in stack.rows:
+                        offset = (e * tensor.stride(0) + r0 * tensor.stride(1)) * tensor.element_size()
+                        entries.append((expert._modules[name]._parameters, kind, k, offset))
+                        layout.append((k, e, r0, r1))
+            slots.append(((stack.weight, stack.bias), tuple(entries)))
+            layouts.append(tuple(layout))
+        return cls(tuple(owners), tuple(slots), tuple(layouts))
+
+    def modules_unchanged(self) -> bool:
+        return all(modules.get(key) is m for modules, key, m in self.owners)
+
+    def unchanged_and_unhooked(self) -> bool:
+        """:meth:`modules_unchanged` and not :meth:`hooked`, in one pass (the common case)."""
+        return all(
+            modules.get(key) is m
+            and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+            for modules, key, m in self.owners
+        )
+
+    def hooked(self) -> bool:
+        return any(
+            m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+            for _, _, m in self.owners
+        )
+
+    def parameters(self, check_storage: bool) -> list[list[nn.Parameter]] | None:
+        """Per stack, its parameters; None if ``check_storage`` finds one that is not a view into it."""
+        out = []
+        for tensors, entries in self.slots:
+            params = [d.get(kind) for d, kind, _, _ in entries]
+            if check_storage:
+                bases = [0 if t is None else t.data_ptr() for t in tensors]
+                if any(p is None or p.data_ptr() - bases[k] != off for p, (_, _, k, off) in zip(params, entries)):
+                    return None
+            out.append(params)
+        return out
 
 
 def _retie_after_load(module: ExpertList, incompatible_keys) -> None:

@@ -30,10 +30,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _hooks
 
-from upcycle.moe.experts import GLUExpert, MLPExpert, activation_fn
-
-_PLAIN_EXPERTS = (MLPExpert, GLUExpert)
+from upcycle.moe.experts import ExpertList, GLUExpert, activation_fn
 
 
 @torch.library.custom_op("upcycle::grouped_mm", mutates_args=())
@@ -100,47 +99,27 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _plain(expert: nn.Module, kind: type) -> bool:
-    if (
-        type(expert) is not kind
-        or expert._forward_hooks
-        or expert._forward_pre_hooks
-        or expert._backward_hooks
-    ):
-        return False
-    for module in expert._modules.values():
-        if type(module) is not nn.Linear:
-            return False
-        if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
-            return False
-    return True
+def usable(experts: nn.Module, x: torch.Tensor) -> list[list[nn.Parameter]] | None:
+    """The experts' parameters per stack if the grouped path computes what ``expert(x)`` calls would for
+    these experts and rows, else None (run the module loop)."""
+    if not isinstance(experts, ExpertList) or not experts.stacks or _global_hooks():
+        return None
+    weight = experts.stacks[0].weight
+    dtype = compute_dtype(x)
+    if x.device != weight.device or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    if not torch.is_autocast_enabled(x.device.type) and x.dtype != weight.dtype:
+        return None  # mixed dtypes: let the module calls raise PyTorch's usual error
+    if x.is_cuda:
+        # The CUDA kernel reads rows and weights in 16-byte aligned strides.
+        size = torch.finfo(dtype).bits // 8
+        if any(s.weight.shape[1] * size % 16 or s.weight.shape[2] * size % 16 for s in experts.stacks):
+            return None
+    return experts.grouped_parameters()
 
 
 def _global_hooks() -> bool:
-    from torch.nn.modules import module as m
-
-    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks)
-
-
-def usable(experts: nn.Module, x: torch.Tensor) -> bool:
-    """Whether the grouped path computes what ``expert(x)`` calls would for these experts and rows."""
-    stacks = getattr(experts, "stacks", None)
-    if not stacks or _global_hooks():
-        return False
-    kind = type(experts[0])
-    if kind not in _PLAIN_EXPERTS or not all(_plain(e, kind) for e in experts):
-        return False
-    weight = stacks[0].weight
-    if x.device != weight.device or compute_dtype(x) not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
-    if not torch.is_autocast_enabled(x.device.type) and x.dtype != weight.dtype:
-        return False  # mixed dtypes: let the module calls raise PyTorch's usual error
-    if x.is_cuda:
-        # The CUDA kernel reads rows and weights in 16-byte aligned strides.
-        size = torch.finfo(compute_dtype(x)).bits // 8
-        if any(s.weight.shape[1] * size % 16 or s.weight.shape[2] * size % 16 for s in stacks):
-            return False
-    return experts.ensure_tied()
+    return bool(_hooks._global_forward_hooks or _hooks._global_forward_pre_hooks or _hooks._global_backward_hooks)
 
 
 def _project(experts, index: int, x_NI, offs_E, expert_N, params) -> torch.Tensor:
@@ -151,10 +130,9 @@ def _project(experts, index: int, x_NI, offs_E, expert_N, params) -> torch.Tenso
     return _GroupedLinear.apply(x_NI, offs_E, expert_N, stack.weight.to(dtype), bias, layout, *params)
 
 
-def run(experts, xs_ND: torch.Tensor, offs_E: torch.Tensor, expert_N: torch.Tensor) -> torch.Tensor:
+def run(experts, xs_ND: torch.Tensor, offs_E: torch.Tensor, expert_N: torch.Tensor, params) -> torch.Tensor:
     """The experts on their rows of ``xs_ND`` (sorted by expert; ``offs_E`` the cumulative row counts as
-    int32, ``expert_N`` each row's expert), in the compute dtype. Call after :func:`usable`."""
-    params = experts.parameters_in_stacks(check_storage=False)
+    int32, ``expert_N`` each row's expert), in the compute dtype; ``params`` from :func:`usable`."""
     first = experts[0]
     act = activation_fn(first.activation)
     x = xs_ND.to(compute_dtype(xs_ND))

@@ -293,9 +293,10 @@ class MoE(nn.Module):
         if cfg.capacity_factor is not None:
             keep = self._within_capacity(sorted_e, counts_E, real, mask_T, T, K)
 
-        path = self._expert_path(x_TD)
-        if path == "grouped":
-            y_TD = self._run_grouped(x_TD, order, sorted_e, sorted_w, counts_E, keep, K)
+        path = paths.resolve(self.expert_path, x_TD.device)
+        params = grouped.usable(self.experts, x_TD) if path == "grouped" else None
+        if params is not None:
+            y_TD = self._run_grouped(x_TD, order, sorted_e, sorted_w, counts_E, keep, K, params)
         else:
             y_TD = self._run_looped(x_TD, order, sorted_e, sorted_w, counts_E, keep, K, path)
         self._update_stats(sorted_e, counts_E, keep, real, mask_T, T)
@@ -316,19 +317,13 @@ class MoE(nn.Module):
         capacity = torch.ceil((mask_T > 0).sum().double() * c * K / E)
         return real & (position < capacity)
 
-    def _expert_path(self, x_TD: torch.Tensor) -> str:
-        path = paths.resolve(self.expert_path, x_TD.device)
-        if path == "grouped" and not grouped.usable(self.experts, x_TD):
-            return "loop"
-        return path
-
-    def _run_grouped(self, x_TD, order, sorted_e, sorted_w, counts_E, keep, K: int) -> torch.Tensor:
+    def _run_grouped(self, x_TD, order, sorted_e, sorted_w, counts_E, keep, K: int, params) -> torch.Tensor:
         # Every assignment is computed, also those over capacity (their combine weight is masked): fixed
         # shapes, no host synchronisation, and the sort is a permutation, so both directions are gathers.
         inverse = _inverse(order)
         xs = _ToSorted.apply(x_TD, order, inverse, K)
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        ys = grouped.run(self.experts, xs, offs_E, sorted_e)
+        ys = grouped.run(self.experts, xs, offs_E, sorted_e, params)
         ys = ys * sorted_w.unsqueeze(-1).to(ys.dtype)
         if keep is not None:
             ys = torch.where(keep.unsqueeze(-1), ys, 0)
