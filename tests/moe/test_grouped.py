@@ -157,6 +157,33 @@ def test_bfloat16_autocast_runs_experts_in_bf16_and_the_router_in_float32(taken)
         torch.testing.assert_close(g1[name], g0[name], atol=5e-2, rtol=5e-2, msg=name)
 
 
+@pytest.mark.parametrize("path", ["loop", "bank", "grouped"])
+def test_empty_batch_no_grad_inference_and_checkpointing(path, taken):
+    moe, x = pair(top_k=2, expert_type="glu")
+    empty = torch.zeros(0, 32, requires_grad=True)
+    with expert_path_set(path), bank.cpu_expert_workers_set(2):
+        moe(empty).sum().backward()  # every expert still gets a (zero) gradient
+        assert all(p.grad is not None and not p.grad.any() for p in moe.experts.parameters())
+        with torch.no_grad():
+            y_ng = moe(x)
+        with torch.inference_mode():
+            y_inf = moe(x)
+    want = run_path(moe, x, "loop")
+    torch.testing.assert_close(y_ng, want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y_inf, want[0], atol=1e-5, rtol=1e-5)
+    for reentrant in (False, True):
+        moe.zero_grad(set_to_none=True)
+        xr = x.clone().requires_grad_(True)
+        with expert_path_set(path), bank.cpu_expert_workers_set(2):
+            y = torch.utils.checkpoint.checkpoint(moe, xr, use_reentrant=reentrant)
+            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        torch.testing.assert_close(xr.grad, want[1], atol=1e-5, rtol=1e-5)
+        for name, p in moe.named_parameters():
+            torch.testing.assert_close(p.grad, want[2][name], atol=1e-5, rtol=1e-4, msg=name)
+    if path != "loop":
+        assert path in taken
+
+
 # ------------------------------------------------------------------------------------- synchronisation
 class HostReads(TorchDispatchMode):
     """Records every op that copies a tensor's value to the host (item, bool, nonzero, ...)."""

@@ -6,21 +6,25 @@
     moe.aux_losses                  # {'load_balancing', 'z', 'importance'} for this call
     moe.stats.summary()             # tokens per expert, balance, dropped
 
-On CPU the experts of a call run side by side on single-threaded workers (``upcycle.moe.bank``);
-``set_cpu_expert_workers(1)`` runs them one after another instead.
+The routed experts run on one of three paths (``upcycle.moe.paths``): one grouped GEMM per projection
+without host synchronisation (``upcycle.moe.grouped``; the default on GPU and under ``torch.compile``),
+side by side on single-threaded CPU workers (``upcycle.moe.bank``; the default on CPU), or one after
+another. ``set_expert_path("loop")`` or ``UPCYCLE_EXPERT_PATH`` chooses; all compute the same thing.
 
 No training code lives here (design notes, rules of the house).
 """
 
 from upcycle.moe.bank import cpu_expert_workers, cpu_expert_workers_set, set_cpu_expert_workers
 from upcycle.moe.config import MoEConfig, parse_router_init
-from upcycle.moe.experts import GLUExpert, MLPExpert, activation_fn
+from upcycle.moe.experts import ExpertList, GLUExpert, MLPExpert, activation_fn
 from upcycle.moe.layer import MoE, MoEContext
 from upcycle.moe.losses import importance_loss, load_balancing_loss, z_loss
+from upcycle.moe.paths import expert_path, expert_path_set, set_expert_path
 from upcycle.moe.router import Router, Routing, score
 from upcycle.moe.stats import RouterStats
 
 __all__ = [
+    "ExpertList",
     "GLUExpert",
     "MLPExpert",
     "MoE",
@@ -32,10 +36,13 @@ __all__ = [
     "activation_fn",
     "cpu_expert_workers",
     "cpu_expert_workers_set",
+    "expert_path",
+    "expert_path_set",
     "importance_loss",
     "load_balancing_loss",
     "parse_router_init",
     "score",
     "set_cpu_expert_workers",
+    "set_expert_path",
     "z_loss",
 ]

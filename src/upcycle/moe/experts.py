@@ -288,7 +288,9 @@ class ExpertList(nn.ModuleList):
 
     def is_tied(self) -> bool:
         """Whether the experts are the modules tied last and every parameter is a view into its stack."""
-        return self._tie is not None and self._tie.modules_unchanged() and self._tie.parameters(True) is not None
+        return (
+            self._tie is not None and self._tie.modules_unchanged() and self._tie.parameters(True) is not None
+        )
 
     def retie_if_needed(self) -> None:
         if not self.is_tied():
@@ -412,7 +414,9 @@ class _Tie:
             params = [d.get(kind) for d, kind, _, _ in entries]
             if check_storage:
                 bases = [0 if t is None else t.data_ptr() for t in tensors]
-                if any(p is None or p.data_ptr() - bases[k] != off for p, (_, _, k, off) in zip(params, entries)):
+                if any(
+                    p is None or p.data_ptr() - bases[k] != off for p, (_, _, k, off) in zip(params, entries)
+                ):
                     return None
             out.append(params)
         return out
@@ -423,9 +427,13 @@ def _retie_after_load(module: ExpertList, incompatible_keys) -> None:
 
 
 def _copy_expert_tensors(module: ExpertList, state_dict: dict, prefix: str, local_metadata) -> None:
-    """state_dict() of tied experts: copies, so no two entries share storage (parameters with keep_vars)."""
-    if not module.stacks:
-        return
+    """state_dict() of the experts: a copy of every tensor that is a view into a larger storage (a stack,
+    also one left behind when an adapter replaced a projection), so no two entries share storage.
+    Parameters (``keep_vars=True``) are left as they are."""
     for key, value in state_dict.items():
-        if key.startswith(prefix) and not isinstance(value, nn.Parameter):
+        if key.startswith(prefix) and not isinstance(value, nn.Parameter) and _in_larger_storage(value):
             state_dict[key] = value.clone()
+
+
+def _in_larger_storage(t: torch.Tensor) -> bool:
+    return t.untyped_storage().nbytes() > t.numel() * t.element_size()

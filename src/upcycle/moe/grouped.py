@@ -119,7 +119,9 @@ def usable(experts: nn.Module, x: torch.Tensor) -> list[list[nn.Parameter]] | No
 
 
 def _global_hooks() -> bool:
-    return bool(_hooks._global_forward_hooks or _hooks._global_forward_pre_hooks or _hooks._global_backward_hooks)
+    return bool(
+        _hooks._global_forward_hooks or _hooks._global_forward_pre_hooks or _hooks._global_backward_hooks
+    )
 
 
 def _project(experts, index: int, x_NI, offs_E, expert_N, params) -> torch.Tensor:

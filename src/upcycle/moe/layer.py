@@ -89,7 +89,7 @@ class _ToSorted(torch.autograd.Function):
         (inverse,) = ctx.saved_tensors
         g = grad_ND[inverse]
         if ctx.K > 1:
-            g = g.view(ctx.K, ctx.T, -1).sum(0)
+            g = g.view(ctx.K, ctx.T, g.shape[-1]).sum(0)
         return g, None, None, None
 
 
@@ -102,7 +102,7 @@ class _FromSorted(torch.autograd.Function):
         ctx.K, ctx.T = K, ys_ND.shape[0] // K
         y = ys_ND[inverse]
         if K > 1:
-            y = y.view(K, -1, y.shape[-1]).sum(0)
+            y = y.view(K, ctx.T, y.shape[-1]).sum(0)
         return y
 
     @staticmethod
