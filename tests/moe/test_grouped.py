@@ -395,3 +395,37 @@ def test_padding_never_takes_capacity_from_real_tokens(path, taken):
     torch.testing.assert_close(got[:, 6:], want, atol=1e-6, rtol=1e-6)
     assert moe.stats.summary() == want_stats
     assert want_stats["dropped"] > 0  # the capacity binds
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] not in (9, 10),
+    reason="needs an sm90/sm100 GPU (PyTorch's grouped bf16 kernel; elsewhere grouped_mm synchronises)",
+)
+@pytest.mark.parametrize("capacity", [None, 1.0])
+def test_cuda_bf16_grouped_path_never_synchronises_and_matches_the_loop(capacity, taken):
+    moe, x = pair(top_k=2, expert_type="glu", capacity_factor=capacity, num_shared_experts=1)
+    moe, x = moe.cuda(), x.cuda()
+    mask = torch.ones(2, 150, device="cuda")
+    mask[1, 120:] = 0
+    results = {}
+    for path in ("loop", "auto"):
+        moe.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_(True)
+        torch.cuda.synchronize()
+        if path == "auto":
+            torch.cuda.set_sync_debug_mode("error")  # a device-to-host copy or sync raises
+        try:
+            with expert_path_set(path), torch.autocast("cuda", dtype=torch.bfloat16):
+                y = moe(xx, attention_mask=mask)
+            (y.float() * torch.linspace(-1, 1, y.numel(), device="cuda").view_as(y)).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        results[path] = (y.float(), xx.grad, {n: p.grad for n, p in moe.named_parameters()})
+    assert taken == ["grouped"]
+    (y0, dx0, g0), (y1, dx1, g1) = results["loop"], results["auto"]
+    torch.testing.assert_close(y1, y0, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(dx1, dx0, atol=3e-2, rtol=3e-2)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=5e-2, rtol=5e-2, msg=name)
