@@ -17,7 +17,7 @@ The layer takes this path only where it computes exactly what the module loop do
 classes with plain ``nn.Linear`` projections and no hooks (so PEFT adapters, parametrizations and
 analysis hooks see the ordinary ``expert(x)`` calls), no autocast, no ``torch.compile`` tracing, and
 slices that keep the workers evenly busy. Otherwise it runs the experts one after another, each with
-all threads, which is also what every GPU run does.
+all threads. GPUs run the grouped path (upcycle.moe.grouped, upcycle.moe.paths).
 
 Workers: as many as ``torch.get_num_threads()`` by default; :func:`set_cpu_expert_workers` or the
 environment variable ``UPCYCLE_CPU_EXPERT_WORKERS`` changes that (0 or 1 turns the path off). Starting
