@@ -68,12 +68,13 @@ def test_grouped_path_matches_dense_reference_on_every_variant(kw, taken):
 
 
 @pytest.mark.parametrize("unit", ["token", "sequence"])
-def test_grouped_path_with_padding_and_fixed_routing(unit, taken):
+def test_grouped_path_with_padding_fixed_and_frozen_routing(unit, taken):
     mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])
     with expert_path_set("grouped"):
         check_against_reference(make(top_k=2, routing_unit=unit), mask=mask)
         check_against_reference(make(top_k=1, router_mode="fixed"), labels=torch.tensor([2, 0, 3]))
-    assert taken == ["grouped"] * 2
+        check_against_reference(make(top_k=2, routing_unit=unit, router_mode="frozen"), mask=mask)
+    assert taken == ["grouped"] * 3
 
 
 @pytest.mark.parametrize("kw", EXPERTS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
@@ -135,15 +136,16 @@ def test_unused_experts_get_zero_gradients_and_frozen_ones_none(taken):
             torch.testing.assert_close(g, want[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_bfloat16_autocast_runs_experts_in_bf16_and_the_router_in_float32(taken):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_runs_experts_in_its_dtype_and_the_router_in_float32(dtype, taken):
     moe, x = pair(top_k=2, expert_type="glu", expert_bias=True)
     results = {}
     for path in ("loop", "grouped"):
         moe.zero_grad(set_to_none=True)
         xx = x.clone().requires_grad_(True)
-        with expert_path_set(path), torch.autocast("cpu", dtype=torch.bfloat16):
+        with expert_path_set(path), torch.autocast("cpu", dtype=dtype):
             y = moe(xx)
-            assert y.dtype == torch.bfloat16
+            assert y.dtype == dtype
             assert moe.last_routing.logits_UE.dtype == torch.float32
             assert all(v.dtype == torch.float32 for v in moe.aux_losses.values())
         (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
