@@ -9,7 +9,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock, 
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
 from upcycle.models.mapping import load_stacked_glu_experts
-from upcycle.moe import MoE, MoEConfig
+from upcycle.moe import MoE, MoEConfig, expert_path_set
 
 D, F_, E = 32, 48, 8
 
@@ -29,11 +29,14 @@ def capture_router_logits(block):
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])
-def test_mixtral_block_parity(top_k):
+@pytest.mark.parametrize(
+    ("path", "hf_impl"), [("auto", "eager"), ("grouped", "eager"), ("grouped", "grouped_mm")]
+)
+def test_mixtral_block_parity(top_k, path, hf_impl):
     hf_cfg = MixtralConfig(
         hidden_size=D, intermediate_size=F_, num_local_experts=E, num_experts_per_tok=top_k, hidden_act="silu"
     )
-    hf_cfg._experts_implementation = "eager"
+    hf_cfg._experts_implementation = hf_impl
     hf = init_(MixtralSparseMoeBlock(hf_cfg)).eval()
     ours = MoE(MoEConfig(hidden_size=D, intermediate_size=F_, num_experts=E, top_k=top_k, expert_type="glu"))
     with torch.no_grad():
@@ -44,7 +47,8 @@ def test_mixtral_block_parity(top_k):
     x = torch.randn(3, 11, D)
     logits = capture_router_logits(hf)
     y_hf = hf(x)
-    y = ours(x)
+    with expert_path_set(path):
+        y = ours(x)
     torch.testing.assert_close(y, y_hf, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours.last_routing.logits_UE, logits["logits"], atol=1e-6, rtol=1e-6)
 
@@ -64,7 +68,8 @@ def test_mixtral_loss_parity_with_padding():
 
 
 @pytest.mark.parametrize("norm_topk_prob", [True, False])
-def test_qwen2_moe_block_parity_with_gated_shared_expert(norm_topk_prob):
+@pytest.mark.parametrize("path", ["auto", "grouped"])
+def test_qwen2_moe_block_parity_with_gated_shared_expert(norm_topk_prob, path):
     hf_cfg = Qwen2MoeConfig(
         hidden_size=D,
         moe_intermediate_size=F_,
@@ -99,5 +104,7 @@ def test_qwen2_moe_block_parity_with_gated_shared_expert(norm_topk_prob):
 
     x = torch.randn(2, 9, D)
     logits = capture_router_logits(hf)
-    torch.testing.assert_close(ours(x), hf(x), atol=1e-5, rtol=1e-5)
+    with expert_path_set(path):
+        y = ours(x)
+    torch.testing.assert_close(y, hf(x), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours.last_routing.logits_UE, logits["logits"], atol=1e-6, rtol=1e-6)

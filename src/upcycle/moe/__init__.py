@@ -6,8 +6,10 @@
     moe.aux_losses                  # {'load_balancing', 'z', 'importance'} for this call
     moe.stats.summary()             # tokens per expert, balance, dropped
 
-On CPU the experts of a call run side by side on single-threaded workers (``upcycle.moe.bank``);
-``set_cpu_expert_workers(1)`` runs them one after another instead.
+The routed experts run on one of three paths (``upcycle.moe.paths``): one grouped GEMM per projection
+without host synchronisation (``upcycle.moe.grouped``; the default on GPU and under ``torch.compile``),
+side by side on single-threaded CPU workers (``upcycle.moe.bank``; the default on CPU), or one after
+another. ``set_expert_path("loop")`` or ``UPCYCLE_EXPERT_PATH`` chooses; all compute the same thing.
 
 No training code lives here (design notes, rules of the house).
 """
@@ -23,9 +25,13 @@ _EXPORTS = {
     "parse_router_init": "upcycle.moe.config",
     "GLUExpert": "upcycle.moe.experts",
     "MLPExpert": "upcycle.moe.experts",
+    "ExpertList": "upcycle.moe.experts",
     "activation_fn": "upcycle.moe.experts",
     "MoE": "upcycle.moe.layer",
     "MoEContext": "upcycle.moe.layer",
+    "expert_path": "upcycle.moe.paths",
+    "expert_path_set": "upcycle.moe.paths",
+    "set_expert_path": "upcycle.moe.paths",
     "importance_loss": "upcycle.moe.losses",
     "load_balancing_loss": "upcycle.moe.losses",
     "z_loss": "upcycle.moe.losses",
@@ -39,6 +45,7 @@ _EXPORTS = {
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
+    "ExpertList",
     "GLUExpert",
     "MLPExpert",
     "MoE",
@@ -51,11 +58,14 @@ __all__ = [
     "cpu_expert_workers",
     "cpu_expert_workers_set",
     "equivalent_aux_loss_weights",
+    "expert_path",
+    "expert_path_set",
     "importance_loss",
     "load_balancing_loss",
     "parse_router_init",
     "score",
     "score_sequence",
     "set_cpu_expert_workers",
+    "set_expert_path",
     "z_loss",
 ]

@@ -17,7 +17,7 @@ The layer takes this path only where it computes exactly what the module loop do
 classes with plain ``nn.Linear`` projections and no hooks (so PEFT adapters, parametrizations and
 analysis hooks see the ordinary ``expert(x)`` calls), no autocast, no ``torch.compile`` tracing, and
 slices that keep the workers evenly busy. Otherwise it runs the experts one after another, each with
-all threads, which is also what every GPU run does.
+all threads. GPUs run the grouped path (upcycle.moe.grouped, upcycle.moe.paths).
 
 Workers: as many as ``torch.get_num_threads()`` by default; :func:`set_cpu_expert_workers` or the
 environment variable ``UPCYCLE_CPU_EXPERT_WORKERS`` changes that (0 or 1 turns the path off). Starting
@@ -272,31 +272,40 @@ def _forward(experts, xs: torch.Tensor, sizes: list[int], pool) -> tuple[torch.T
 
 
 class _ExpertBank(torch.autograd.Function):
-    """ys = cat(expert_i(xs_i)) with every expert's forward and backward on the worker pool."""
+    """ys = cat(expert_i(xs_i)) with every expert's forward and backward on the worker pool.
+
+    The parameters are saved for backward, and the backward reads them from there, not from the modules:
+    autograd's version counters then make an in-place change between forward and backward raise (issue
+    10), as it does for the module loop, instead of giving gradients of other weights silently.
+    """
 
     @staticmethod
     def forward(ctx, xs, sizes, experts, pool, *params):
         ys, saved = _forward(experts, xs, sizes, pool)
-        ctx.sizes, ctx.experts, ctx.pool = sizes, experts, pool
-        ctx.save_for_backward(xs, *saved)
+        ctx.sizes, ctx.experts, ctx.pool, ctx.num_saved = sizes, experts, pool, len(saved)
+        ctx.save_for_backward(xs, *saved, *params)
         return ys
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dys):
-        xs, *saved = ctx.saved_tensors
+        xs, *rest = ctx.saved_tensors  # raises if a saved tensor was modified in place since the forward
+        saved, params = rest[: ctx.num_saved], iter(rest[ctx.num_saved :])
         sizes, experts = ctx.sizes, ctx.experts
         needs = iter(ctx.needs_input_grad[4:])
         grads: list[torch.Tensor | None] = []
         buffers: list[dict[str, torch.Tensor]] = []
+        weights: list[dict[str, torch.Tensor]] = []
         for expert in experts:
-            own = {}
-            for name, p in expert.named_parameters():
+            own, values = {}, {}
+            for name, _ in expert.named_parameters():
+                values[name] = p = next(params)
                 g = torch.empty_like(p) if next(needs) else None
                 grads.append(g)
                 if g is not None:
                     own[name] = g
             buffers.append(own)
+            weights.append(values)
         dx = xs.new_empty(xs.shape) if ctx.needs_input_grad[0] else None
         xs_c, dys_c = xs.split(sizes), dys.contiguous().split(sizes)
         dx_c = dx.split(sizes) if dx is not None else [None] * len(sizes)
@@ -305,7 +314,7 @@ class _ExpertBank(torch.autograd.Function):
             ctx.pool,
             sizes,
             lambda i: experts[i].backward_into(
-                xs_c[i], tuple(c[i] for c in saved_c), dys_c[i], dx_c[i], buffers[i]
+                xs_c[i], tuple(c[i] for c in saved_c), dys_c[i], dx_c[i], buffers[i], weights[i]
             ),
         )
         return (dx, None, None, None, *grads)

@@ -8,8 +8,12 @@ capacity limit drops the later choices first), each expert runs once on its cont
 are scaled by their combine weights and put back in token order with an inverse permutation. Expert
 compute therefore costs the active FLOPs and nothing per inactive expert; every expert is still called
 (on an empty slice when it got no tokens) so its parameters always receive a gradient, which keeps
-DDP from failing on unused parameters. On CPU the experts of one call may run side by side on
-single-threaded workers (:mod:`upcycle.moe.bank`).
+DDP from failing on unused parameters. Three implementations run the experts (upcycle.moe.paths): one
+grouped GEMM per projection with the row counts kept on the device (:mod:`upcycle.moe.grouped`, the
+default on GPU and under ``torch.compile``), side by side on single-threaded CPU workers
+(:mod:`upcycle.moe.bank`, the default on CPU), or the plain module loop. With a capacity factor, the loop
+and the bank compute only the kept assignments; the grouped path computes all of them and masks the
+dropped ones' combine weights (fixed shapes, no host synchronisation).
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from upcycle.moe import bank, losses
+from upcycle.moe import bank, grouped, losses, paths
 from upcycle.moe.config import MoEConfig
-from upcycle.moe.experts import make_expert
+from upcycle.moe.experts import ExpertList, make_expert
 from upcycle.moe.router import Router, Routing, score, score_sequence
 from upcycle.moe.stats import RouterStats
 
@@ -210,7 +214,7 @@ class _ToSorted(torch.autograd.Function):
         (inverse,) = ctx.saved_tensors
         g = grad_ND[inverse]
         if ctx.K > 1:
-            g = g.view(ctx.K, ctx.T, -1).sum(0)
+            g = g.view(ctx.K, ctx.T, g.shape[-1]).sum(0)
         return g, None, None, None
 
 
@@ -223,7 +227,7 @@ class _FromSorted(torch.autograd.Function):
         ctx.K, ctx.T = K, ys_ND.shape[0] // K
         y = ys_ND[inverse]
         if K > 1:
-            y = y.view(K, -1, y.shape[-1]).sum(0)
+            y = y.view(K, ctx.T, y.shape[-1]).sum(0)
         return y
 
     @staticmethod
@@ -231,6 +235,19 @@ class _FromSorted(torch.autograd.Function):
         (order,) = ctx.saved_tensors
         index = order % ctx.T if ctx.K > 1 else order
         return grad_TD[index], None, None, None
+
+
+def _count(ids: torch.Tensor, n: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Occurrences of 0..n-1 in ``ids`` (optionally weighted, integer weights): a fixed-size result, unlike
+    ``bincount``, whose length depends on the values (a graph break under ``torch.compile``)."""
+    ones = torch.ones_like(ids) if weights is None else weights
+    return torch.zeros(n, dtype=ones.dtype, device=ids.device).index_add_(0, ids, ones)
+
+
+def _inverse(order: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return inverse
 
 
 class MoE(nn.Module):
@@ -258,7 +275,9 @@ class MoE(nn.Module):
         # reuse its decision, so they build no router at all.
         self.is_follower = config.global_routing and context is not None and self.rank > 0
         self.router = Router(config) if config.has_router and not self.is_follower else None
-        self.experts = nn.ModuleList(
+        # Routed experts: per-expert modules whose weights are views into one stack per projection
+        # (upcycle.moe.experts.ExpertList), for the grouped GEMM path.
+        self.experts = ExpertList(
             make_expert(
                 config.expert_type,
                 config.hidden_size,
@@ -268,6 +287,8 @@ class MoE(nn.Module):
             )
             for _ in range(config.num_experts)
         )
+        #: Expert path of this layer (upcycle.moe.paths); None follows the process-wide setting.
+        self.expert_path: str | None = None
         self.shared_experts = nn.ModuleList(
             make_expert(
                 config.expert_type,
@@ -423,61 +444,90 @@ class MoE(nn.Module):
         # Slot-major flattening (all first choices, then all second choices): the stable sort keeps that
         # priority inside each expert, which is the order a capacity limit should drop in.
         flat_e = routing.ids_TK.t().reshape(-1)
-        flat_w = routing.weights_TK.t().reshape(-1)
         order = torch.argsort(flat_e, stable=True)
-        counts_E = torch.bincount(flat_e, minlength=E)
-        flat_mask = mask_T.repeat(K) if mask_T is not None else None
-
-        dropped = 0
-        kept = None
+        sorted_e = flat_e[order]
+        sorted_w = routing.weights_TK.t().reshape(-1)[order]
+        real = mask_T.repeat(K)[order] > 0 if mask_T is not None else None  # non-padding, sorted
+        counts_E = _count(sorted_e, E)
+        keep = None
         if cfg.capacity_factor is not None:
-            capacity = math.ceil(cfg.capacity_factor * T * K / E)
-            starts_E = torch.cumsum(counts_E, 0) - counts_E
-            position = torch.arange(order.numel(), device=order.device) - starts_E[flat_e[order]]
-            keep = position < capacity
-            kept = torch.zeros_like(flat_e, dtype=torch.bool).scatter(0, order, keep)  # per assignment
-            order = order[keep]
-            dropped_N = (~kept).float()
-            dropped = (dropped_N * flat_mask if flat_mask is not None else dropped_N).sum().long()
-            counts_E = counts_E.clamp(max=capacity)
+            keep = self._within_capacity(sorted_e, counts_E, real, mask_T, T, K)
 
-        token_of = order % T
-        sizes = counts_E.tolist()
-        if kept is None:
-            # Dropless: the sort is a permutation of the N = K·T assignments, so both directions are
-            # gathers (no index_put accumulation in backward, deterministic on GPU).
-            inverse = torch.empty_like(order)
-            inverse[order] = torch.arange(order.numel(), device=order.device)
-            xs = _ToSorted.apply(x_TD, order, inverse, K)
+        path = paths.resolve(self.expert_path, x_TD.device)
+        params = grouped.usable(self.experts, x_TD) if path == "grouped" else None
+        if params is not None:
+            y_TD = self._run_grouped(x_TD, order, sorted_e, sorted_w, counts_E, keep, K, params)
         else:
-            xs = x_TD[token_of]
-        ys = self._run_experts(xs, sizes)
-        ys = ys * flat_w[order].unsqueeze(-1).to(ys.dtype)
-        if kept is None:
-            y_TD = _FromSorted.apply(ys, order, inverse, K)
-        else:
-            y_TD = torch.zeros_like(x_TD, dtype=ys.dtype).index_add(0, token_of, ys)
-
-        # Statistics count non-padding assignments that were computed.
-        with torch.no_grad():
-            if flat_mask is None and kept is None:
-                stat_counts = counts_E
-            else:
-                w = flat_mask if flat_mask is not None else torch.ones_like(flat_e, dtype=torch.float32)
-                if kept is not None:
-                    w = w * kept.float()
-                stat_counts = torch.bincount(flat_e, weights=w, minlength=E).round().long()
-            n_tokens = int(T) if mask_T is None else mask_T.sum().long()
-            self.stats.update(stat_counts, dropped, n_tokens)
+            y_TD = self._run_looped(x_TD, order, sorted_e, sorted_w, counts_E, keep, K, path)
+        self._update_stats(sorted_e, counts_E, keep, real, mask_T, T)
         return y_TD
 
-    def _run_experts(self, xs_ND: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    def _within_capacity(self, sorted_e, counts_E, real, mask_T, T: int, K: int) -> torch.Tensor:
+        """Which sorted assignments fit their expert's capacity ceil(c·n·K/E), n the tokens. Padding takes
+        no slot and is not counted in n (issue 10), so real tokens fare as in the unpadded batch."""
+        c, E = self.config.capacity_factor, self.config.num_experts
+        if real is None:
+            starts_E = torch.cumsum(counts_E, 0) - counts_E
+            position = torch.arange(sorted_e.numel(), device=sorted_e.device) - starts_E[sorted_e]
+            return position < math.ceil(c * T * K / E)
+        r = real.long()
+        real_E = _count(sorted_e, E, r)
+        position = (torch.cumsum(r, 0) - r) - (torch.cumsum(real_E, 0) - real_E)[sorted_e]
+        # Same operation order as math.ceil(c * T * K / E) in float64, so equal to the unpadded batch's.
+        capacity = torch.ceil((mask_T > 0).sum().double() * c * K / E)
+        return real & (position < capacity)
+
+    def _run_grouped(self, x_TD, order, sorted_e, sorted_w, counts_E, keep, K: int, params) -> torch.Tensor:
+        # Every assignment is computed, also those over capacity (their combine weight is masked): fixed
+        # shapes, no host synchronisation, and the sort is a permutation, so both directions are gathers.
+        inverse = _inverse(order)
+        xs = _ToSorted.apply(x_TD, order, inverse, K)
+        offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        ys = grouped.run(self.experts, xs, offs_E, sorted_e, params)
+        ys = ys * sorted_w.unsqueeze(-1).to(ys.dtype)
+        if keep is not None:
+            ys = torch.where(keep.unsqueeze(-1), ys, 0)
+        return _FromSorted.apply(ys, order, inverse, K)
+
+    def _run_looped(self, x_TD, order, sorted_e, sorted_w, counts_E, keep, K: int, path: str) -> torch.Tensor:
+        if keep is None:
+            # Dropless: the sort is a permutation of the N = K·T assignments, so both directions are
+            # gathers (no index_put accumulation in backward, deterministic on GPU).
+            inverse = _inverse(order)
+            xs = _ToSorted.apply(x_TD, order, inverse, K)
+        else:
+            order, sorted_w = order[keep], sorted_w[keep]
+            counts_E = _count(sorted_e[keep], self.config.num_experts)
+            xs = x_TD[order % x_TD.shape[0]]
+        ys = self._run_experts(xs, counts_E.tolist(), path)
+        ys = ys * sorted_w.unsqueeze(-1).to(ys.dtype)
+        if keep is None:
+            return _FromSorted.apply(ys, order, inverse, K)
+        return torch.zeros_like(x_TD, dtype=ys.dtype).index_add(0, order % x_TD.shape[0], ys)
+
+    def _run_experts(self, xs_ND: torch.Tensor, sizes: list[int], path: str = "bank") -> torch.Tensor:
         # On CPU, experts run on single-threaded workers side by side when that computes the same thing
         # (upcycle.moe.bank explains why and when); otherwise one after another with all threads each.
-        workers = bank.parallel_plan(self.experts, xs_ND, sizes)
-        if workers:
-            return bank.run_parallel(self.experts, xs_ND, sizes, workers)
+        if path == "bank":
+            workers = bank.parallel_plan(self.experts, xs_ND, sizes)
+            if workers:
+                return bank.run_parallel(self.experts, xs_ND, sizes, workers)
         return torch.cat([e(c) for e, c in zip(self.experts, xs_ND.split(sizes))])
+
+    @torch.no_grad()
+    def _update_stats(self, sorted_e, counts_E, keep, real, mask_T, T: int) -> None:
+        """Statistics count the non-padding assignments that were computed, and the dropped ones."""
+        E = self.config.num_experts
+        dropped = 0
+        if keep is None and real is None:
+            counts = counts_E
+        else:
+            counted = keep if real is None else (real if keep is None else keep & real)
+            counts = _count(sorted_e, E, counted.long())
+            if keep is not None:
+                dropped = (~keep if real is None else real & ~keep).sum()
+        tokens = int(T) if mask_T is None else (mask_T > 0).sum()
+        self.stats.update(counts, dropped, tokens)
 
     # ------------------------------------------------------------------ forward
     def forward(

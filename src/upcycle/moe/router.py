@@ -177,6 +177,10 @@ class Router(_RouterTensors):
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         """float32 logits (T, E). Jitter and noise are applied here, in training only."""
+        if torch.is_autocast_enabled(x_TD.device.type):
+            # Autocast would run the linears below in bf16/fp16: router maths stays float32 (see above).
+            with torch.autocast(x_TD.device.type, enabled=False):
+                return self.forward(x_TD)
         cfg = self.config
         weight = self.weight
         hidden = self.hidden.weight if self.hidden is not None else None
