@@ -7,17 +7,22 @@ Examples:
   upcycle convert --preset report-gpt2 --out gpt2-moe
   upcycle convert --model meta-llama/Llama-3.2-1B --method drop --ratio 0.5 --experts 8 --top-k 2 --out llama-moe
   upcycle convert --method btx --model expert-a expert-b --out btx-moe
+  upcycle convert --method nexus --model seed --expert code=code-lm --expert math=math-lm \
+      --domain-data code=code.jsonl --domain-data math=math.jsonl --out nexus-moe
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from upcycle.config import add_dataclass_flags, load_yaml, merge_layers, normalise_keys
+from upcycle.config import add_dataclass_flags, field_docs, load_yaml, merge_layers, normalise_keys
 from upcycle.moe import MoEConfig
 from upcycle.upcycling.options import DERIVED_MOE_FIELDS, PRESETS, RENAMED, UpcycleConfig
 
-HELP = "convert a dense model into an MoE checkpoint (naive, drop, noise, granular, scratch, btx)"
+HELP = "convert a dense model into an MoE checkpoint (naive, drop, noise, granular, scratch, btx, nexus)"
+
+#: NAME=VALUE options that may be repeated (--expert a=X --expert b=Y) or list several values.
+REPEATED = ("expert", "domain_data")
 
 # MoEConfig fields that get their own flag (the rest are derived from the source or renamed).
 _UPCYCLE_FIELDS = {f.name for f in dataclasses.fields(UpcycleConfig)}
@@ -31,7 +36,12 @@ _MOE_FLAG_FIELDS = tuple(
 def add_arguments(parser) -> None:
     parser.add_argument("--config", default=None, help="YAML file with any of the options below")
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help="start from a named setting")
-    add_dataclass_flags(parser, UpcycleConfig, skip=("moe", "preset"))
+    add_dataclass_flags(parser, UpcycleConfig, skip=("moe", "preset", *REPEATED))
+    docs = field_docs(UpcycleConfig)
+    for name in REPEATED:
+        parser.add_argument(
+            "--" + name.replace("_", "-"), action="extend", nargs="+", default=None, help=docs[name]
+        )
     add_dataclass_flags(
         parser,
         MoEConfig,

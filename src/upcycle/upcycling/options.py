@@ -9,8 +9,8 @@ from typing import Literal
 from upcycle.config import ConfigError, check_literals, to_dict
 from upcycle.moe.config import MoEConfig
 
-Method = Literal["naive", "drop", "noise", "granular", "scratch", "btx"]
-METHODS: tuple[str, ...] = ("naive", "drop", "noise", "granular", "scratch", "btx")
+Method = Literal["naive", "drop", "noise", "granular", "scratch", "btx", "nexus"]
+METHODS: tuple[str, ...] = ("naive", "drop", "noise", "granular", "scratch", "btx", "nexus")
 
 #: MoEConfig fields that come from the dense source, not from the user.
 DERIVED_MOE_FIELDS = (
@@ -30,9 +30,10 @@ class UpcycleConfig:
     """Options of ``upcycle convert``: the source, the method and the MoE layout."""
 
     model: list[str] = field(default_factory=lambda: ["gpt2"])
-    """Dense source(s): Hugging Face hub ids or local folders. Several sources only with method 'btx'."""
+    """Dense source(s): Hugging Face hub ids or local folders. Several sources only with method 'btx';
+    for 'nexus', the seed model (its MLP becomes the shared expert every token goes through)."""
     method: Method = "drop"
-    """Expert initialisation: naive | drop | noise | granular | scratch | btx."""
+    """Expert initialisation: naive | drop | noise | granular | scratch | btx | nexus."""
     out: str | None = None
     """Output folder (a standard Hugging Face checkpoint folder)."""
     overwrite: bool = False
@@ -42,10 +43,10 @@ class UpcycleConfig:
     layers: str = "all"
     """Which decoder layers become MoE: 'all', 'every_other' (1, 3, 5, … as in Switch/GShard and
     Qwen2-MoE's sparse step 2) or a comma-separated list of indices."""
-    experts: int = 8
-    """Number of routed experts per MoE layer."""
-    top_k: int = 2
-    """Experts per token."""
+    experts: int | None = None
+    """Number of routed experts per MoE layer (default 8; nexus: one per --expert)."""
+    top_k: int | None = None
+    """Experts per token (default 2; nexus: 1, the paper's top-1 among the routed experts)."""
     ratio: float = 0.5
     """drop: re-initialisation ratio r in [0, 1] (Drop-Upcycling's best is 0.5)."""
     index_sharing: Literal["expert", "matrix"] = "expert"
@@ -66,14 +67,17 @@ class UpcycleConfig:
     Default: on for 'granular', off otherwise."""
     score_order: Literal["softmax_topk", "topk_softmax"] = "softmax_topk"
     """Router scoring order (see MoEConfig.score_order)."""
-    renormalize: bool = True
-    """Renormalise the kept top-k probabilities (see MoEConfig.renormalize)."""
+    renormalize: bool | None = None
+    """Renormalise the kept top-k probabilities (see MoEConfig.renormalize). Default True; nexus: False,
+    the paper's shared + p·routed output (Gritsch et al. 2024, Fig. 2), which also lets the LM loss train
+    a top-1 router."""
     router_init: str = "normal:0.02"
     """Router initialisation: normal:STD, uniform:A or zeros."""
     jitter: float = 0.0
     """Router jitter ε (multiplicative noise on the router input in training)."""
-    shared_experts: int = 0
-    """Shared experts (always active), initialised as copies of the dense MLP."""
+    shared_experts: int | None = None
+    """Shared experts (always active), initialised as copies of the dense MLP (default 0; nexus: 1, the
+    seed model's MLP)."""
     aux_loss_weight: float = 0.01
     """Weight of the load-balancing loss, on its mean over MoE layers (Switch/Megatron per-layer sum:
     divide by the number of layers; Hugging Face's router_aux_loss_coef: divide by top_k)."""
@@ -81,6 +85,23 @@ class UpcycleConfig:
     """Weight of the router z-loss."""
     moe: dict = field(default_factory=dict)
     """Any other MoEConfig field (router_type, routing_unit, capacity_factor, global_routing, …)."""
+    expert: list[str] = field(default_factory=list)
+    """nexus: NAME=DIR per domain, a dense model of the seed's architecture specialised on that domain;
+    its MLPs become routed expert NAME (repeat the flag or list several)."""
+    domain_data: list[str] = field(default_factory=list)
+    """nexus: NAME=PATH_OR_HUB per domain, text (JSON lines, Parquet, text, hub id) whose mean-pooled
+    last hidden state under the seed model is the domain embedding d_NAME of the router."""
+    domain_embeddings: str | None = None
+    """nexus: a safetensors or .pt file mapping domain names to one vector each (any size), for the
+    domains without --domain-data."""
+    embed_tokens: int = 100_000
+    """nexus: tokens of each domain's --domain-data averaged into its embedding."""
+    domain_text_field: str = "text"
+    """nexus: column holding the text in --domain-data (split 'train' of hub datasets)."""
+    merge: Literal["mean", "experts", "seed"] = "mean"
+    """nexus: the non-MLP weights (attention, embeddings, norms, dense layers): 'mean' over the domain
+    models and the seed (as btx averages its sources), 'experts' over the domain models only (Nexus §3,
+    "Merge Non-FFN params."), or 'seed' keeps the seed's."""
     probe_batch: int = 4
     """Function-preservation probe: number of sequences."""
     probe_length: int = 64
@@ -91,16 +112,40 @@ class UpcycleConfig:
     def __post_init__(self) -> None:
         if isinstance(self.model, str):
             self.model = [self.model]
+        for name in ("expert", "domain_data"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
+        self._resolve_method_defaults()
         self.validate()
+
+    def _resolve_method_defaults(self) -> None:
+        """Defaults that depend on the method (None means "not given")."""
+        nexus = self.method == "nexus"
+        if nexus:
+            given = {"experts": self.experts, "shared_experts": self.shared_experts}
+            want = {"experts": len(self.expert), "shared_experts": 1}
+            for name, value in given.items():
+                if value is not None and value != want[name]:
+                    why = (
+                        "one routed expert per --expert"
+                        if name == "experts"
+                        else "the seed's MLP is the one shared expert"
+                    )
+                    raise ConfigError(name, value, f"nexus builds {want[name]} ({why})")
+        self.experts = (len(self.expert) if nexus else 8) if self.experts is None else self.experts
+        self.top_k = (1 if nexus else 2) if self.top_k is None else self.top_k
+        self.renormalize = (not nexus) if self.renormalize is None else self.renormalize
+        self.shared_experts = (1 if nexus else 0) if self.shared_experts is None else self.shared_experts
 
     def validate(self) -> None:
         check_literals(self)
         if not self.model:
             raise ConfigError("model", self.model, "give at least one dense source")
-        if self.method != "btx" and len(self.model) != 1:
+        if self.method not in ("btx", "nexus") and len(self.model) != 1:
             raise ConfigError(
                 "model", self.model, f"method '{self.method}' takes exactly one source (btx takes several)"
             )
+        self._validate_nexus()
         if not 0.0 <= self.ratio <= 1.0:
             raise ConfigError("ratio", self.ratio, "must be in [0, 1]")
         if self.experts < 1:
@@ -141,6 +186,64 @@ class UpcycleConfig:
         if self.probe_batch < 1 or self.probe_length < 1:
             raise ConfigError("probe_batch", self.probe_batch, "probe batch and length must be positive")
 
+    def _validate_nexus(self) -> None:
+        router_type = self.router_type
+        if self.method != "nexus":
+            for name in ("expert", "domain_data", "domain_embeddings"):
+                if getattr(self, name):
+                    raise ConfigError(name, getattr(self, name), "only method 'nexus' takes it")
+            if self.merge != "mean":
+                raise ConfigError("merge", self.merge, "only method 'nexus' chooses the merge")
+            if router_type == "embedding":
+                raise ConfigError(
+                    "moe.router_type",
+                    "embedding",
+                    "the embedding router needs domain embeddings: use method 'nexus'",
+                )
+            return
+        if len(self.model) != 1:
+            raise ConfigError(
+                "model", self.model, "nexus takes one seed model; give the domain models with --expert"
+            )
+        experts = parse_named(self.expert, "expert")
+        if not experts:
+            raise ConfigError("expert", self.expert, "nexus needs at least one --expert NAME=DIR")
+        data = parse_named(self.domain_data, "domain_data")
+        unknown = sorted(set(data) - set(experts))
+        if unknown:
+            raise ConfigError(
+                "domain_data", unknown[0], f"names no --expert; experts are {', '.join(experts)}"
+            )
+        if router_type != "embedding":
+            if data or self.domain_embeddings:
+                field = "domain_data" if data else "domain_embeddings"
+                raise ConfigError(
+                    field,
+                    getattr(self, field),
+                    f"domain embeddings feed router_type=embedding, not {router_type}",
+                )
+        elif not self.domain_embeddings and len(data) < len(experts):
+            missing = next(n for n in experts if n not in data)
+            raise ConfigError(
+                "domain_data",
+                self.domain_data,
+                f"expert '{missing}' has no --domain-data (or give --domain-embeddings FILE)",
+            )
+        if self.embed_tokens < 1:
+            raise ConfigError("embed_tokens", self.embed_tokens, "must be a positive integer")
+
+    @property
+    def router_type(self) -> str:
+        """The router type the conversion builds (nexus defaults to its embedding router)."""
+        return self.moe.get("router_type", "embedding" if self.method == "nexus" else "linear")
+
+    @property
+    def source_names(self) -> list[str]:
+        """Every dense model the conversion reads, the seed (or the only source) first."""
+        if self.method == "nexus":
+            return [*self.model, *parse_named(self.expert, "expert").values()]
+        return list(self.model)
+
     @property
     def scaling(self) -> bool:
         return self.method == "granular" if self.weight_scaling is None else self.weight_scaling
@@ -157,11 +260,27 @@ class UpcycleConfig:
             "num_shared_experts": self.shared_experts,
             "aux_loss_weight": self.aux_loss_weight,
             "z_loss_weight": self.z_loss_weight,
+            **({"router_type": "embedding"} if self.method == "nexus" else {}),
             **self.moe,
         }
 
     def to_dict(self) -> dict:
         return to_dict(self)
+
+
+def parse_named(specs: list[str], field: str) -> dict[str, str]:
+    """['prose=DIR', …] → {'prose': 'DIR', …} in the given order; one-line errors for a missing '=', an
+    empty name or value, and duplicate names."""
+    out: dict[str, str] = {}
+    for spec in specs or []:
+        name, sep, value = str(spec).partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name or not value or any(c.isspace() for c in name):
+            raise ConfigError(field, spec, "expected NAME=VALUE with a name without spaces")
+        if name in out:
+            raise ConfigError(field, spec, f"the name '{name}' is given twice")
+        out[name] = value
+    return out
 
 
 def parse_layers(spec: str | list[int], num_layers: int) -> list[int]:
