@@ -103,12 +103,18 @@ def test_preservation_figures_are_reported_and_stored(nexus_moe, extended):
     assert fp["max_abs_logit_diff"] > 0 and 0 < fp["probe_routed_to_new"] < 1
 
 
-@pytest.mark.parametrize("router_init", ["mean", "zeros", "normal:0.5"])
-def test_linear_router_gets_the_naive_baseline_row(nexus_world, tmp_path, router_init):
+@pytest.fixture(scope="module")
+def btx_moe(nexus_world, tmp_path_factory):
     w = nexus_world
-    moe_dir = tmp_path / "btx"
+    moe_dir = tmp_path_factory.mktemp("btx") / "moe"
     convert(UpcycleConfig(model=[w.experts["prose"], w.experts["code"]], method="btx", experts=2, top_k=1,
                           out=str(moe_dir)), progress=False)  # fmt: skip
+    return moe_dir
+
+
+@pytest.mark.parametrize("router_init", ["mean", "zeros", "normal:0.5"])
+def test_linear_router_gets_the_naive_baseline_row(nexus_world, btx_moe, router_init):
+    w, moe_dir = nexus_world, btx_moe
     cfg = ExtendConfig(model=str(moe_dir), expert=[f"math={w.experts['math']}"], router_init=router_init,
                        domain_data=[f"math={w.data['math']}"], embed_tokens=200, out=None)  # fmt: skip
     result = extend(cfg)

@@ -223,3 +223,18 @@ def test_cli_converts_with_repeated_flags(nexus_world, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "nexus" in printed and "vs the seed" in printed
     assert AutoModelForCausalLM.from_pretrained(out).config.upcycling["expert_names"] == ["code", "math"]
+
+
+def test_inspect_losses_and_routing_statistics_work_unchanged(nexus_moe, capsys):
+    assert main(["inspect", nexus_moe]) == 0
+    printed = capsys.readouterr().out
+    assert "router: embedding/learned" in printed and "nexus experts prose, code" in printed
+    model = AutoModelForCausalLM.from_pretrained(nexus_moe)
+    ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
+    model.reset_routing_stats()
+    out = model(input_ids=ids, labels=ids)
+    assert out.load_balancing_loss > 0 and torch.isclose(out.loss, out.lm_loss + out.aux_loss)
+    out.loss.backward()
+    assert model.moe_layers()[0].router.projection_in.weight.grad.abs().sum() > 0
+    for stats in model.routing_stats().values():
+        assert stats["tokens"] == 32 and sum(stats["tokens_per_expert"]) == 32

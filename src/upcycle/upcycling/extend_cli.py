@@ -19,7 +19,7 @@ Examples:
 from __future__ import annotations
 
 from upcycle.config import add_dataclass_flags, field_docs, load_yaml, merge_layers, normalise_keys
-from upcycle.upcycling.extend import ExtendConfig
+from upcycle.upcycling.options import ExtendConfig
 
 HELP = "add routed experts to a trained MoE from new dense models (Nexus)"
 

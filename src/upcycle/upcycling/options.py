@@ -1,4 +1,5 @@
-"""UpcycleConfig: everything ``upcycle convert`` needs, validated early, with named presets."""
+"""UpcycleConfig (``upcycle convert``) and ExtendConfig (``upcycle extend``), validated early, with named
+presets."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from upcycle.config import ConfigError, check_literals, to_dict
-from upcycle.moe.config import MoEConfig
+from upcycle.moe.config import MoEConfig, parse_router_init
 
 Method = Literal["naive", "drop", "noise", "granular", "scratch", "btx", "nexus"]
 METHODS: tuple[str, ...] = ("naive", "drop", "noise", "granular", "scratch", "btx", "nexus")
@@ -263,6 +264,75 @@ class UpcycleConfig:
             **({"router_type": "embedding"} if self.method == "nexus" else {}),
             **self.moe,
         }
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+@dataclass
+class ExtendConfig:
+    """Options of ``upcycle extend``: the trained MoE, the new dense models and how to add them."""
+
+    model: str | None = None
+    """The MoE checkpoint folder to extend (written by `upcycle convert` or `upcycle pretrain`)."""
+    expert: list[str] = field(default_factory=list)
+    """NAME=DIR per new expert: a dense model of the MoE's architecture trained on the new domain."""
+    domain_data: list[str] = field(default_factory=list)
+    """NAME=PATH_OR_HUB: text of a new domain. Embedding router: averaged into its domain embedding; any
+    router: the share of its tokens routed to the new expert is reported."""
+    domain_embeddings: str | None = None
+    """Embedding router: safetensors or .pt file of name → vector, for new domains without --domain-data."""
+    embedder: str | None = None
+    """Embedding router: the model that embeds --domain-data (default: the one the checkpoint records,
+    normally the seed model of the conversion)."""
+    embed_tokens: int = 100_000
+    """Tokens of each new domain's --domain-data to average (and to measure routing on)."""
+    domain_text_field: str = "text"
+    """Column holding the text in --domain-data and --probe-data."""
+    router_init: str | None = None
+    """Linear and mlp routers (the naive baseline): the new router row, 'mean' of the existing rows,
+    'zeros', 'normal:STD' or 'uniform:A'; default: the checkpoint's router_init."""
+    merge: Literal["keep", "average"] = "keep"
+    """Non-expert weights: 'keep' the MoE's, or 'average' them with each new model's (Nexus §3,
+    λ = 1/(n + 1))."""
+    freeze_existing: bool = False
+    """Record in the checkpoint that only the new experts and the routers train (applied on every load)."""
+    probe_data: str | None = None
+    """Text of the old domains to measure function preservation on (default: random token ids)."""
+    probe_batch: int = 4
+    """Function-preservation probe: number of sequences."""
+    probe_length: int = 64
+    """Function-preservation probe: tokens per sequence."""
+    seed: int = 0
+    """Seed of the new linear-router rows."""
+    out: str | None = None
+    """Output folder (a standard Hugging Face checkpoint folder)."""
+    overwrite: bool = False
+    """Replace the output folder if it exists."""
+
+    def __post_init__(self) -> None:
+        for name in ("expert", "domain_data"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
+        self.validate()
+
+    def validate(self) -> None:
+        check_literals(self)
+        if not self.model:
+            raise ConfigError("model", self.model, "give the MoE checkpoint folder to extend")
+        experts = parse_named(self.expert, "expert")
+        if not experts:
+            raise ConfigError("expert", self.expert, "give at least one --expert NAME=DIR")
+        unknown = sorted(set(parse_named(self.domain_data, "domain_data")) - set(experts))
+        if unknown:
+            raise ConfigError(
+                "domain_data", unknown[0], f"names no --expert; experts are {', '.join(experts)}"
+            )
+        if self.router_init not in (None, "mean"):
+            parse_router_init(self.router_init)
+        for name in ("embed_tokens", "probe_batch", "probe_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, getattr(self, name), "must be a positive integer")
 
     def to_dict(self) -> dict:
         return to_dict(self)
