@@ -211,3 +211,16 @@ def test_a_dense_model_is_not_extended(nexus_world, tmp_path, capsys):
         ]
     )
     assert code == 2 and "is not an upcycle MoE checkpoint" in capsys.readouterr().err
+
+
+def test_yaml_config_takes_a_mapping_of_experts_and_flags_win(tmp_path):
+    from upcycle.upcycling.extend_cli import options_from_args
+
+    file = tmp_path / "extend.yaml"
+    file.write_text(
+        "model: moe\nexpert:\n  math: math-lm\n  code: code-lm\nfreeze-existing: true\nmerge: average\n"
+    )
+    cfg = options_from_args({"config": str(file), "model": None, "merge": "keep", "expert": None})
+    assert (cfg.model, cfg.expert, cfg.freeze_existing, cfg.merge) == (
+        "moe", ["math=math-lm", "code=code-lm"], True, "keep"
+    )  # fmt: skip

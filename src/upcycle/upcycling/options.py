@@ -114,8 +114,7 @@ class UpcycleConfig:
         if isinstance(self.model, str):
             self.model = [self.model]
         for name in ("expert", "domain_data"):
-            if isinstance(getattr(self, name), str):
-                setattr(self, name, [getattr(self, name)])
+            setattr(self, name, named_list(getattr(self, name)))
         self._resolve_method_defaults()
         self.validate()
 
@@ -312,8 +311,7 @@ class ExtendConfig:
 
     def __post_init__(self) -> None:
         for name in ("expert", "domain_data"):
-            if isinstance(getattr(self, name), str):
-                setattr(self, name, [getattr(self, name)])
+            setattr(self, name, named_list(getattr(self, name)))
         self.validate()
 
     def validate(self) -> None:
@@ -336,6 +334,15 @@ class ExtendConfig:
 
     def to_dict(self) -> dict:
         return to_dict(self)
+
+
+def named_list(value) -> list[str]:
+    """NAME=VALUE options as a list: a single string, or a YAML mapping {name: value}, is accepted too."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [f"{k}={v}" for k, v in value.items()]
+    return list(value or [])
 
 
 def parse_named(specs: list[str], field: str) -> dict[str, str]:
