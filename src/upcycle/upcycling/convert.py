@@ -391,6 +391,7 @@ __all__ = [
     "convert",
     "function_preservation",
     "load_source",
+    "logit_divergence",
     "options_from",
     "save_atomically",
     "upcycle_model",
