@@ -25,6 +25,7 @@ import threading
 
 COMMANDS: dict[str, str] = {
     "convert": "upcycle.upcycling.cli",
+    "extend": "upcycle.upcycling.extend_cli",
     "inspect": "upcycle.analysis.inspect",
     "export": "upcycle.models.export",
     "pretrain": "upcycle.training.cli",

@@ -16,6 +16,8 @@ from upcycle.moe import MoE
 
 def reference_logits(moe: MoE, x_TD: torch.Tensor) -> torch.Tensor:
     r = moe.router
+    if r.config.router_type == "embedding":
+        return x_TD.float() @ expert_embeddings(moe).t()
     h = x_TD.float()
     if r.hidden is not None:
         h = F.relu(h @ r.hidden.weight.float().t() + (0 if r.hidden.bias is None else r.hidden.bias.float()))
@@ -23,6 +25,19 @@ def reference_logits(moe: MoE, x_TD: torch.Tensor) -> torch.Tensor:
     if r.bias is not None:
         logits = logits + r.bias.float()
     return logits
+
+
+def expert_embeddings(moe: MoE) -> torch.Tensor:
+    """Nexus §3 written out: e_i = W_2 · SwiGLU(W_1 · d_i), SwiGLU: R^{2H} → R^H, [a; b] ↦ silu(a) ⊙ b;
+    one domain at a time. (E, D) float32."""
+    r = moe.router
+    W1, W2 = r.projection_in.weight.float(), r.projection_out.weight.float()
+    H = W2.shape[1]
+    rows = []
+    for d in r.domain_embeddings.float():
+        pre = W1 @ d
+        rows.append(W2 @ (F.silu(pre[:H]) * pre[H:]))
+    return torch.stack(rows)
 
 
 def reference_forward(

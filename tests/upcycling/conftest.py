@@ -66,3 +66,51 @@ def sources(tmp_path_factory):
         model.save_pretrained(path)
         paths[name] = str(path)
     return paths
+
+
+# --------------------------------------------------------------------------- Nexus (issue 15)
+NEXUS_DOMAINS = ("prose", "code", "math")
+
+
+@pytest.fixture(scope="session")
+def nexus_world(tmp_path_factory):
+    """A tiny GPT-2 seed (GPT-2's vocabulary, so the offline GPT-2 tokenizer fits), one "specialised" model
+    per generated text domain (the seed with perturbed weights: specialisation is not what these tests
+    measure), and each domain's text as JSON lines."""
+    from types import SimpleNamespace
+
+    from tests.training.helpers import save_tiny_gpt2
+    from upcycle.data.synthetic import domain_documents, write_jsonl
+
+    root = tmp_path_factory.mktemp("nexus")
+    seed = save_tiny_gpt2(root / "seed")
+    data, experts = {}, {}
+    for i, domain in enumerate(NEXUS_DOMAINS):
+        data[domain] = str(write_jsonl(root / f"{domain}.jsonl", domain_documents(domain, 120, seed=i)))
+        model = GPT2LMHeadModel.from_pretrained(seed)
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        model.save_pretrained(root / f"lm-{domain}")
+        experts[domain] = str(root / f"lm-{domain}")
+    return SimpleNamespace(root=root, seed=seed, data=data, experts=experts)
+
+
+@pytest.fixture(scope="session")
+def nexus_moe(nexus_world, tmp_path_factory):
+    """`convert --method nexus` of the seed with the prose and code experts, embeddings from their text."""
+    from upcycle.upcycling import UpcycleConfig, convert
+
+    w = nexus_world
+    out = tmp_path_factory.mktemp("nexus-moe") / "moe"
+    opts = UpcycleConfig(
+        model=[w.seed],
+        method="nexus",
+        expert=[f"{d}={w.experts[d]}" for d in ("prose", "code")],
+        domain_data=[f"{d}={w.data[d]}" for d in ("prose", "code")],
+        embed_tokens=600,
+        out=str(out),
+    )
+    convert(opts, progress=False)
+    return str(out)

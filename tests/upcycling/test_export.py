@@ -34,7 +34,27 @@ CASES = {
     "qwen2_qwen_two_shared": (
         "qwen2", dict(method="drop", layers="all", shared_experts=2, moe={"shared_expert_gate": True}), "qwen2_moe"
     ),
+    # An ungated shared expert: Qwen2-MoE's gate weight 0 (sigmoid = 1/2) and the shared down_proj doubled.
+    "llama_qwen_ungated_shared": ("llama", dict(method="naive", shared_experts=1, top_k=1), "qwen2_moe"),
+    # Nexus (issue 15): the seed's MLP as the ungated shared expert, the embedding router's effective matrix
+    # P(d_i) as the gate; expert sources and the embeddings file are resolved by the fixture.
+    "llama_qwen_nexus": (
+        "llama", dict(method="nexus", expert=["a=llama_b", "b=llama", "c=llama_b"], domain_embeddings="EMB", top_k=2,
+                      layers="every_other", router_init="normal:0.5"), "qwen2_moe"
+    ),
 }  # fmt: skip
+
+
+def _resolve(kw: dict, sources: dict, root: Path) -> dict:
+    """Expert names of CASES → source folders; 'EMB' → a file of random 7-dimensional domain embeddings."""
+    if "expert" not in kw:
+        return kw
+    experts = [f"{e.split('=')[0]}={sources[e.split('=')[1]]}" for e in kw["expert"]]
+    emb = root / "domain-embeddings.pt"
+    g = torch.Generator().manual_seed(0)
+    torch.save({e.split("=")[0]: torch.randn(7, generator=g) for e in kw["expert"]}, emb)
+    return {**kw, "expert": experts, "domain_embeddings": str(emb)}
+
 
 PLAIN_TRANSFORMERS = """
 import json, sys, torch
@@ -57,6 +77,7 @@ def exported(sources, tmp_path_factory):
     ours, paths = {}, {}
     for name, (src, kw, fmt) in CASES.items():
         moe_dir = root / f"{name}-moe"
+        kw = _resolve(kw, sources, root)
         convert(UpcycleConfig(model=[sources[src]], out=str(moe_dir), **kw), progress=False)
         model = AutoModelForCausalLM.from_pretrained(moe_dir).eval()
         with torch.no_grad():
@@ -93,7 +114,6 @@ def test_interleaving_maps_onto_qwen2_moe_sparse_step_or_layer_list(exported):
         ("gpt2", dict(method="naive"), "mixtral", ["architecture moe_gpt2"]),
         ("llama", dict(method="naive", layers="every_other", top_k=1, renormalize=False), "mixtral",
          ["moe_layers=[1, 3]", "renormalize=False"]),
-        ("llama", dict(method="naive", shared_experts=1), "qwen2_moe", ["shared_expert_gate"]),
         ("llama", dict(method="naive", moe={"routing_unit": "sequence", "capacity_factor": 1.0}), "mixtral",
          ["routing_unit=sequence", "capacity_factor=1.0"]),
         ("llama", dict(method="naive", moe={"routing_unit": "sequence_prefix"}), "mixtral",
@@ -108,6 +128,25 @@ def test_unexpressible_models_name_every_setting(sources, tmp_path, src, kw, fmt
     for m in messages:
         assert m in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_nexus_router_exports_as_its_effective_matrix(exported):
+    from safetensors.torch import load_file
+
+    _, _, paths = exported
+    ours = AutoModelForCausalLM.from_pretrained(
+        Path(paths["llama_qwen_nexus"]).parent / "llama_qwen_nexus-moe"
+    )
+    theirs = {}
+    for f in Path(paths["llama_qwen_nexus"]).glob("*.safetensors"):
+        theirs.update(load_file(f))
+    for i, moe in ours.moe_layers().items():
+        gate = theirs[f"model.layers.{i}.mlp.gate.weight"]
+        torch.testing.assert_close(gate, moe.router.effective_weight())
+        assert not torch.allclose(gate[0], gate[1])  # one row per domain
+        assert torch.equal(theirs[f"model.layers.{i}.mlp.shared_expert_gate.weight"], torch.zeros(1, 32))
+        down = moe.shared_experts[0].down_proj.weight
+        assert torch.equal(theirs[f"model.layers.{i}.mlp.shared_expert.down_proj.weight"], 2 * down)
 
 
 def test_frozen_router_is_listed_as_dropped(exported):

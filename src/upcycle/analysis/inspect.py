@@ -198,6 +198,7 @@ def render(info: dict) -> str:
             "drop": f"r={opts.get('ratio')}, index sharing {opts.get('index_sharing')}",
             "granular": f"G={opts.get('granularity')}",
             "noise": f"σ={opts.get('noise_std')}",
+            "nexus": f"experts {', '.join(up.get('expert_names', []))} (shared expert: the seed's MLP)",
         }.get(up.get("method"), "")
         lines.append(
             f"upcycled: {up.get('method')} {detail} from {', '.join(up.get('sources', []))}, seed {up.get('seed')}"

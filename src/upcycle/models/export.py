@@ -7,10 +7,14 @@ weights, noisy gating, a frozen router) do not change the forward pass; they are
 
 Mapping (per MoE layer i, E experts, expert width F):
   model.layers.i.mlp.router.weight            → model.layers.i.mlp.gate.weight              (E, D)
+  (embedding router: its effective matrix, row i = P(d_i), computed once; Nexus §3, Fig. 2 notes the
+  expert embeddings do not depend on the input, so the router is a plain linear router at inference)
   model.layers.i.mlp.experts.e.{gate,up}_proj → model.layers.i.mlp.experts.gate_up_proj[e]  (2F, D)
   model.layers.i.mlp.experts.e.down_proj      → model.layers.i.mlp.experts.down_proj[e]     (D, F)
   (Qwen2-MoE) shared experts, concatenated    → model.layers.i.mlp.shared_expert.*          (S·F)
   (Qwen2-MoE) shared_expert_gate              → model.layers.i.mlp.shared_expert_gate
+  (Qwen2-MoE, ungated shared experts: gate weight 0, so sigmoid gives exactly 1/2, and the shared
+  down_proj doubled; both factors are powers of two, so the output is the same to the last bit)
 Everything else keeps its name.
 
 Example:
@@ -61,9 +65,10 @@ def unsupported_settings(model, fmt: str) -> list[str]:
     m = moe_config_of(cfg)
     if m.expert_type != "glu" or m.expert_bias:
         problems.append("experts: need gated (glu) experts without biases")
-    if m.router_type != "linear" or m.router_bias:
+    if m.router_type == "mlp" or m.router_bias:
         problems.append(
-            f"router_type={m.router_type}, router_bias={m.router_bias}: need a linear router without bias"
+            f"router_type={m.router_type}, router_bias={m.router_bias}: need a linear (or embedding) router "
+            "without bias"
         )
     if m.router_mode in ("random", "fixed"):
         problems.append(f"router_mode={m.router_mode}: need a learned (or frozen) router")
@@ -88,10 +93,6 @@ def unsupported_settings(model, fmt: str) -> list[str]:
         if qkv_bias or o_bias:
             problems.append("attention biases: Mixtral attention has none")
     else:
-        if m.num_shared_experts and not m.shared_expert_gate:
-            problems.append(
-                "shared experts without shared_expert_gate: Qwen2-MoE always gates its shared expert"
-            )
         if o_bias:
             problems.append("attention output bias: Qwen2-MoE has q/k/v biases only")
         if getattr(cfg, "sliding_window", None) and cfg.model_type == "moe_mistral":
@@ -112,6 +113,11 @@ def dropped_training_settings(model) -> list[str]:
         notes.append("noisy_gating (noise weights not exported)")
     if m.router_mode == "frozen":
         notes.append("router_mode=frozen (exported as an ordinary router)")
+    if m.router_type == "embedding":
+        notes.append(
+            "router_type=embedding (exported as its effective linear router; the domain embeddings and the "
+            "projection stay in the upcycle checkpoint, which `upcycle extend` needs)"
+        )
     if m.router_jitter:
         notes.append(f"router_jitter={m.router_jitter} (exported, but HF jitters the experts' input too)")
     return notes
@@ -195,21 +201,26 @@ def _export_state_dict(model, fmt: str) -> dict[str, torch.Tensor]:
     for i, moe in moe_by_layer.items():
         p = prefixes[i]
         gate_up, down = stacked_glu_experts(moe)
-        state[p + "gate.weight"] = moe.router.weight.detach()
+        # The router's logit matrix (a Nexus embedding router's P(d_i) rows, computed in float32).
+        state[p + "gate.weight"] = moe.router.effective_weight().detach().to(gate_up.dtype)
         state[p + "experts.gate_up_proj"] = gate_up
         state[p + "experts.down_proj"] = down
         if fmt == "qwen2_moe":
             shared = list(moe.shared_experts)
+            gate = moe.shared_expert_gate
+            # Qwen2-MoE always multiplies the shared expert by sigmoid(x·w): an ungated one becomes w = 0
+            # (factor exactly 1/2) with its output projection doubled.
+            unit = 1.0 if gate is not None or not shared else 2.0
             # S shared MLPs sum to one MLP whose units are all of theirs concatenated.
             for proj, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
-                parts = [getattr(s, proj).weight.detach() for s in shared]
+                factor = unit if proj == "down_proj" else 1.0
+                parts = [getattr(s, proj).weight.detach() * factor for s in shared]
                 D, F_ = model.config.hidden_size, 0
                 if parts:
                     state[p + f"shared_expert.{proj}.weight"] = torch.cat(parts, dim=dim)
                 else:
                     shape = (F_, D) if dim == 0 else (D, F_)
                     state[p + f"shared_expert.{proj}.weight"] = gate_up.new_zeros(shape)
-            gate = moe.shared_expert_gate
             state[p + "shared_expert_gate.weight"] = (
                 gate.weight.detach() if gate is not None else gate_up.new_zeros(1, model.config.hidden_size)
             )

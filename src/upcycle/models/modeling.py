@@ -5,6 +5,9 @@ Each supported family gets a config subclass (``model_type = "moe_<family>"``) t
 - ``moe``: the :class:`~upcycle.moe.MoEConfig` of every MoE layer, as a dict;
 - ``moe_layers``: indices of the decoder layers whose MLP is an MoE;
 - ``upcycling``: provenance (method, source, seed, function-preservation figures), informational only,
+- ``trainable_parameters``: optional glob patterns of the parameters that train (all others get
+  ``requires_grad=False`` when the model is built and after ``from_pretrained``; ``upcycle extend
+  --freeze-existing`` writes it),
 
 and causal-LM and sequence-classification classes that build the dense architecture, swap the MLPs of
 ``moe_layers`` for :class:`~upcycle.moe.MoE`, and add the weighted auxiliary losses to ``loss``. The rest
@@ -17,6 +20,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 import torch
 from huggingface_hub.dataclasses import strict
@@ -108,6 +112,29 @@ class MoEModelMixin:
             moe = MoE(moe_cfg, context=self.moe_context)
             moe.apply(self._init_moe_module)
             blocks[i].mlp = moe
+        self.apply_trainable_parameters()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # Hugging Face hands back every loaded parameter with requires_grad=True, so the config's
+        # trainable_parameters are applied again once the weights are in.
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).apply_trainable_parameters()
+        return loaded
+
+    def apply_trainable_parameters(self) -> None:
+        """Freeze every parameter whose name matches none of ``config.trainable_parameters`` (fnmatch
+        patterns such as ``*.mlp.experts.4.*``); no-op when the field is unset. Optimisers built over
+        the parameters that require a gradient (``upcycle pretrain``'s) then train only the matches."""
+        patterns = getattr(self.config, "trainable_parameters", None)
+        if not patterns:
+            return
+        named = list(self.named_parameters())
+        keep = [any(fnmatchcase(name, pattern) for pattern in patterns) for name, _ in named]
+        if not any(keep):
+            raise ConfigError("trainable_parameters", patterns, "matches no parameter of the model")
+        for (_, param), trains in zip(named, keep):
+            param.requires_grad_(trains)
 
     def decoder_layers(self) -> nn.ModuleList:
         base = self.base_model
@@ -267,6 +294,7 @@ class MoEGPT2Config(GPT2Config):
     moe: dict | None = None
     moe_layers: list[int] | None = None
     upcycling: dict | None = None
+    trainable_parameters: list[str] | None = None
 
 
 class MoEGPT2LMHeadModel(MoECausalLMMixin, GPT2LMHeadModel):
@@ -283,6 +311,7 @@ class MoELlamaConfig(LlamaConfig):
     moe: dict | None = None
     moe_layers: list[int] | None = None
     upcycling: dict | None = None
+    trainable_parameters: list[str] | None = None
 
 
 class MoELlamaForCausalLM(MoECausalLMMixin, LlamaForCausalLM):
@@ -299,6 +328,7 @@ class MoEMistralConfig(MistralConfig):
     moe: dict | None = None
     moe_layers: list[int] | None = None
     upcycling: dict | None = None
+    trainable_parameters: list[str] | None = None
 
 
 class MoEMistralForCausalLM(MoECausalLMMixin, MistralForCausalLM):
@@ -315,6 +345,7 @@ class MoEQwen2Config(Qwen2Config):
     moe: dict | None = None
     moe_layers: list[int] | None = None
     upcycling: dict | None = None
+    trainable_parameters: list[str] | None = None
 
 
 class MoEQwen2ForCausalLM(MoECausalLMMixin, Qwen2ForCausalLM):

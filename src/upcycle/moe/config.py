@@ -11,7 +11,7 @@ from upcycle.config import ConfigError, check_literals, check_positive, to_dict
 
 ExpertType = Literal["mlp", "glu"]
 ScoreOrder = Literal["softmax_topk", "topk_softmax"]
-RouterType = Literal["linear", "mlp"]
+RouterType = Literal["linear", "mlp", "embedding"]
 RouterMode = Literal["learned", "frozen", "random", "fixed"]
 RoutingUnit = Literal["token", "sequence", "sequence_prefix"]
 
@@ -69,11 +69,17 @@ class MoEConfig:
     """With softmax_topk, rescale the k kept probabilities to sum to 1 (Mixtral). False keeps the raw
     probabilities (Switch Transformer's top-1 multiplies the expert output by p)."""
     router_type: RouterType = "linear"
-    """'linear' router (E×D) or a 2-layer 'mlp' router (D→H→E with ReLU; Fan et al. 2024, App. A.2)."""
+    """'linear' router (E×D), a 2-layer 'mlp' router (D→H→E with ReLU; Fan et al. 2024, App. A.2), or the
+    Nexus 'embedding' router (Gritsch et al. 2024, §3): logit_i = x · P(d_i), with d_i a fixed domain
+    embedding per expert (a buffer) and P a learned 2-layer SwiGLU projection to the hidden size."""
     router_hidden_size: int | None = None
-    """Hidden width H of the mlp router (default: hidden_size)."""
+    """Hidden width H of the mlp router, or of the embedding router's projection (its SwiGLU output; Nexus
+    §3 uses the hidden size). Default: hidden_size."""
+    domain_embedding_size: int | None = None
+    """Dimension m of the embedding router's domain embeddings d_i (default: hidden_size, the size of the
+    seed model's mean-pooled hidden state that `upcycle convert --method nexus` uses)."""
     router_bias: bool = False
-    """Bias in the router's linear layers."""
+    """Bias in the router's linear layers (linear and mlp routers)."""
     router_mode: RouterMode = "learned"
     """'learned'; 'frozen' at initialisation; 'random': fresh weights drawn from router_init for every
     forward call, the stored ones left as initialised (Fan et al. 2024, Table 3); 'fixed': expert chosen by an external per-sequence label (language-guided
@@ -136,19 +142,20 @@ class MoEConfig:
             raise ConfigError("activation", self.activation, f"allowed values are {', '.join(ACTIVATIONS)}")
         if not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 0:
             raise ConfigError("num_shared_experts", self.num_shared_experts, "must be an integer ≥ 0")
-        for name in ("shared_intermediate_size", "router_hidden_size"):
+        for name in ("shared_intermediate_size", "router_hidden_size", "domain_embedding_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(name, value, "must be a positive integer or None")
         if self.shared_expert_gate and self.num_shared_experts == 0:
             raise ConfigError("shared_expert_gate", True, "needs num_shared_experts ≥ 1")
         kind, _ = parse_router_init(self.router_init)
-        if kind == "zeros" and self.router_type == "mlp":
+        if kind == "zeros" and self.router_type != "linear":
             raise ConfigError(
                 "router_init",
                 self.router_init,
-                "'zeros' would make the mlp router constant; use normal or uniform",
+                f"'zeros' would make the {self.router_type} router constant; use normal or uniform",
             )
+        self._validate_embedding_router()
         check_positive(self, "router_jitter", "dropout", allow_zero=True)
         check_positive(self, "aux_loss_weight", "z_loss_weight", "importance_loss_weight", allow_zero=True)
         if not self.router_jitter < 1:
@@ -166,6 +173,26 @@ class MoEConfig:
                 raise ConfigError(
                     "router_mode", "fixed", "a fixed assignment has no router for jitter or noise"
                 )
+
+    def _validate_embedding_router(self) -> None:
+        if self.router_type != "embedding":
+            if self.domain_embedding_size is not None:
+                raise ConfigError(
+                    "domain_embedding_size",
+                    self.domain_embedding_size,
+                    "only the embedding router has domain embeddings",
+                )
+            return
+        if self.router_bias:
+            # Nexus' router is x · P(d_i) (§3); a per-expert bias would have no domain embedding to come from
+            # when an expert is added later.
+            raise ConfigError("router_bias", True, "the embedding router has no bias (Nexus §3); use False")
+        if self.router_mode == "random":
+            raise ConfigError(
+                "router_mode",
+                "random",
+                "a random draw would discard the embedding router's projection; use learned or frozen",
+            )
 
     @property
     def router_init_spec(self) -> tuple[str, float]:

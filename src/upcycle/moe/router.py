@@ -1,7 +1,8 @@
 """Routers and scoring: from hidden states to (expert ids, combine weights) per routing unit.
 
 Shape legend (torchtitan style): B batch, S sequence, T = B·S tokens, U routing units (T for token and
-prefix routing, B for sequence routing), D hidden, H router hidden, E experts, K top-k.
+prefix routing, B for sequence routing), D hidden, H router hidden, E experts, K top-k, M domain
+embedding size (embedding router).
 
 All router maths runs in float32 whatever the model dtype: softmax over bf16 logits loses the small
 differences that decide top-k, and the auxiliary losses are sums of many small terms.
@@ -16,6 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from upcycle.moe.config import MoEConfig
+
+#: E[(silu(a)·b)²] for independent a, b ~ N(0, 1) (numerical integration: 0.3558): the second moment of a
+#: SwiGLU unit whose two pre-activations have unit variance; it sets the embedding router's output scale.
+SWIGLU_SECOND_MOMENT = 0.3558
 
 
 @dataclass
@@ -126,11 +131,14 @@ class RouterLinear(_RouterTensors):
 
 
 class Router(_RouterTensors):
-    """Linear (E×D) or 2-layer MLP (D→H→E) router, with optional noisy-gating weights.
+    """Linear (E×D), 2-layer MLP (D→H→E) or Nexus embedding router, with optional noisy-gating weights.
 
-    ``weight`` is always the matrix that produces the logits, so a linear router's ``weight`` has the
-    same layout as Hugging Face Mixtral's ``gate.weight``. A learned router holds parameters; a frozen or
-    random router holds buffers with the same names (see :class:`_RouterTensors`).
+    For linear and MLP routers ``weight`` is the matrix that produces the logits, so a linear router's
+    ``weight`` has the same layout as Hugging Face Mixtral's ``gate.weight``. The embedding router has no
+    ``weight``: its logit matrix is :meth:`effective_weight`, computed from the fixed ``domain_embeddings``
+    buffer (E×M) through the learned ``projection_in`` (2H×M) and ``projection_out`` (D×H) layers. A
+    learned router holds parameters; a frozen or random router holds buffers with the same names (see
+    :class:`_RouterTensors`).
     """
 
     def __init__(self, config: MoEConfig):
@@ -138,12 +146,22 @@ class Router(_RouterTensors):
         self.config = config
         D, E = config.hidden_size, config.num_experts
         self.hidden: RouterLinear | None = None
+        self.projection_in: RouterLinear | None = None
+        self.projection_out: RouterLinear | None = None
         in_features = D
         if config.router_type == "mlp":
             H = config.router_hidden_size or D
             self.hidden = RouterLinear(D, H, config.router_bias, self.trainable)
             in_features = H
-        self._add("weight", torch.empty(E, in_features))
+        if config.router_type == "embedding":
+            H, M = config.router_hidden_size or D, config.domain_embedding_size or D
+            # The domain embeddings are data, not weights: a buffer whatever the router mode (Nexus §3).
+            self.register_buffer("domain_embeddings", torch.empty(E, M), persistent=True)
+            self.projection_in = RouterLinear(M, 2 * H, False, self.trainable)
+            self.projection_out = RouterLinear(H, D, False, self.trainable)
+            self._add("weight", None)
+        else:
+            self._add("weight", torch.empty(E, in_features))
         self._add("bias", torch.zeros(E) if config.router_bias else None)
         # Shazeer et al. (2017) initialise W_noise to zero: noise starts at softplus(0)·N(0,1).
         self._add("noise_weight", torch.zeros(E, D) if config.noisy_gating else None)
@@ -152,7 +170,10 @@ class Router(_RouterTensors):
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         spec = self.config.router_init_spec
-        init_router_weight(self.weight, spec, generator)
+        if self.config.router_type == "embedding":
+            self._reset_projection(spec, generator)
+        else:
+            init_router_weight(self.weight, spec, generator)
         if self.hidden is not None:
             init_router_weight(self.hidden.weight, spec, generator)
             if self.hidden.bias is not None:
@@ -161,6 +182,48 @@ class Router(_RouterTensors):
             nn.init.zeros_(self.bias)
         if self.noise_weight is not None:
             nn.init.zeros_(self.noise_weight)
+
+    def _reset_projection(self, spec: tuple[str, float], generator: torch.Generator | None) -> None:
+        """Initialise the embedding router so that each row of its logit matrix P(d_i) starts distributed as
+        a linear router row drawn from ``spec`` (Nexus does not state its init; this is ours).
+
+        Domain embeddings are unit vectors (see :meth:`set_domain_embeddings`), so W_in with unit-variance
+        entries gives unit-variance SwiGLU pre-activations whatever M, and the SwiGLU outputs have second
+        moment :data:`SWIGLU_SECOND_MOMENT`; W_out drawn from ``spec`` scaled by 1/sqrt(H·that moment) then
+        gives P(d_i) entries of the spec's spread. A small W_in instead would start the router on the flat
+        (quadratic) part of SwiGLU, where neither the logits nor their gradients move.
+        """
+        kind, scale = spec
+        unit = (kind, 1.0 if kind == "normal" else 3.0**0.5)  # unit variance in the spec's family
+        init_router_weight(self.projection_in.weight, unit, generator)
+        H = self.projection_out.weight.shape[1]
+        init_router_weight(
+            self.projection_out.weight, (kind, scale / (H * SWIGLU_SECOND_MOMENT) ** 0.5), generator
+        )
+        # Placeholder directions for a freshly built model; conversion writes the real embeddings.
+        nn.init.normal_(
+            self.domain_embeddings, 0.0, self.domain_embeddings.shape[1] ** -0.5, generator=generator
+        )
+
+    def project(self, domain_EM: torch.Tensor) -> torch.Tensor:
+        """Expert embeddings e_i = W_out · SwiGLU(W_in · d_i) (Nexus §3, "Domain to Expert Embeddings"),
+        float32 (E, D). SwiGLU([a; b]) = silu(a) ⊙ b, a the first half of W_in's output."""
+        gate_EH, value_EH = F.linear(domain_EM.float(), self.projection_in.weight.float()).chunk(2, dim=-1)
+        return F.linear(F.silu(gate_EH) * value_EH, self.projection_out.weight.float())
+
+    def effective_weight(self) -> torch.Tensor:
+        """The (E, in) matrix whose product with the router input gives the logits: ``weight`` for linear
+        and MLP routers (the MLP router's output layer), P(d_i) row by row for the embedding router."""
+        if self.config.router_type == "embedding":
+            return self.project(self.domain_embeddings)
+        return self.weight
+
+    @torch.no_grad()
+    def set_domain_embeddings(self, domain_EM: torch.Tensor) -> None:
+        """Store the embedding router's domain embeddings, scaled to unit length (Nexus embeds domains with
+        Cohere Embed v3, whose vectors are unit-normalised; unit length keeps the projection's scale
+        independent of the embedder)."""
+        self.domain_embeddings.copy_(F.normalize(domain_EM.float(), dim=-1))
 
     @torch.no_grad()
     def draw(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -182,7 +245,8 @@ class Router(_RouterTensors):
             with torch.autocast(x_TD.device.type, enabled=False):
                 return self.forward(x_TD)
         cfg = self.config
-        weight = self.weight
+        # Embedding router: the (E, D) matrix P(d_i) is rebuilt each call, so the projection trains (Nexus §3).
+        weight = self.project(self.domain_embeddings) if cfg.router_type == "embedding" else self.weight
         hidden = self.hidden.weight if self.hidden is not None else None
         if cfg.router_mode == "random":
             # Fan et al. (2024) "Random" routing: fresh router weights at every call.

@@ -1,7 +1,9 @@
 """Upcycling: dense Hugging Face models into MoE checkpoints, one file per initialisation method.
 
-    from upcycle.upcycling import UpcycleConfig, convert
+    from upcycle.upcycling import ExtendConfig, UpcycleConfig, convert, extend
     result = convert(UpcycleConfig(model=["gpt2"], method="drop", ratio=0.15, out="gpt2-moe"))
+    extend(ExtendConfig(model="nexus-moe", expert=["code=code-lm"], domain_data=["code=code.jsonl"],
+                        out="nexus-moe-code"))
 
 ``moe/`` never imports this package; this package never imports training, evaluation or analysis.
 """
@@ -20,6 +22,9 @@ _EXPORTS = {
     "save_atomically": "upcycle.upcycling.convert",
     "upcycle_model": "upcycle.upcycling.convert",
     "DenseMLP": "upcycle.upcycling.dense",
+    "ExtendResult": "upcycle.upcycling.extend",
+    "extend": "upcycle.upcycling.extend",
+    "ExtendConfig": "upcycle.upcycling.options",
     "PRESETS": "upcycle.upcycling.options",
     "UpcycleConfig": "upcycle.upcycling.options",
     "parse_layers": "upcycle.upcycling.options",
@@ -34,6 +39,8 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "DenseMLP",
+    "ExtendConfig",
+    "ExtendResult",
     "LayerInit",
     "PRESETS",
     "Source",
@@ -41,6 +48,7 @@ __all__ = [
     "UpcycleError",
     "UpcycleResult",
     "convert",
+    "extend",
     "function_preservation",
     "get_method",
     "load_source",

@@ -9,6 +9,8 @@ Examples:
   upcycle convert --preset report-gpt2 --out gpt2-moe
   upcycle convert --model meta-llama/Llama-3.2-1B --method drop --ratio 0.5 --experts 8 --top-k 2 --out llama-moe
   upcycle convert --method btx --model expert-a expert-b --out btx-moe
+  upcycle convert --method nexus --model seed --expert code=code-lm --expert math=math-lm \
+      --domain-data code=code.jsonl --domain-data math=math.jsonl --out nexus-moe
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from upcycle.config import (
     ConfigError,
     add_dataclass_flags,
     check_mapping,
+    field_docs,
     field_types,
     load_yaml,
     merge_layers,
@@ -28,7 +31,10 @@ from upcycle.config import (
 from upcycle.moe.config import MoEConfig
 from upcycle.upcycling.options import DERIVED_MOE_FIELDS, METHOD_OPTIONS, PRESETS, RENAMED, UpcycleConfig
 
-HELP = "convert a dense model into an MoE checkpoint (naive, drop, noise, granular, scratch, btx)"
+HELP = "convert a dense model into an MoE checkpoint (naive, drop, noise, granular, scratch, btx, nexus)"
+
+#: NAME=VALUE options that may be repeated (--expert a=X --expert b=Y) or list several values.
+REPEATED = ("expert", "domain_data")
 
 # MoEConfig fields that get their own flag (the rest are derived from the source or renamed).
 _UPCYCLE_FIELDS = {f.name for f in dataclasses.fields(UpcycleConfig)}
@@ -57,7 +63,17 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--preset", default=None, choices=list(PRESETS), help="start from a named setting (listed below)"
     )
-    add_dataclass_flags(parser, UpcycleConfig, skip=("moe", "preset"))
+    add_dataclass_flags(parser, UpcycleConfig, skip=("moe", "preset", *REPEATED))
+    docs = field_docs(UpcycleConfig)
+    for name in REPEATED:
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            action="extend",
+            nargs="+",
+            default=None,
+            metavar="NAME=VALUE",
+            help=docs[name],
+        )
     add_dataclass_flags(
         parser,
         MoEConfig,
@@ -76,7 +92,11 @@ def _yaml_types() -> dict[str, Any]:
 
 def read_yaml(path: str) -> tuple[dict, dict]:
     """(UpcycleConfig fields, MoEConfig fields) of a convert YAML file, every key and type checked."""
-    data = check_mapping(normalise_keys(load_yaml(path)), _yaml_types(), source=path)
+    raw = normalise_keys(load_yaml(path))
+    for name in REPEATED:  # `expert: {law: dir}` is as good as `expert: [law=dir]`
+        if isinstance(raw.get(name), dict):
+            raw[name] = [f"{k}={v}" for k, v in raw[name].items()]
+    data = check_mapping(raw, _yaml_types(), source=path)
     moe_types = {k: v for k, v in field_types(MoEConfig).items() if k not in DERIVED_MOE_FIELDS}
     nested = check_mapping(data.pop("moe", None) or {}, moe_types, where="moe", source=path)
     renamed = sorted(set(nested) & set(RENAMED))
@@ -127,6 +147,8 @@ def check(args) -> UpcycleConfig:
     check_output_dir(opts.out, opts.overwrite)
     for name in opts.model:
         model_source(name, flag="model", check_weights=True)
+    for item in opts.expert:  # nexus: NAME=DIR
+        model_source(item.partition("=")[2], flag="expert", check_weights=True)
     return opts
 
 

@@ -27,7 +27,7 @@ from upcycle.models.modeling import Family, family_for, moe_config_of
 from upcycle.moe import MoE, MoEConfig
 from upcycle.upcycling.dense import DenseMLP, copy_into_expert
 from upcycle.upcycling.options import METHOD_OPTIONS, UpcycleConfig, parse_layers
-from upcycle.upcycling.registry import LayerInit, get_method
+from upcycle.upcycling.registry import LayerInit, get_method, prepare
 
 #: Config keys of the source that must not be copied into the MoE config.
 _DROP_KEYS = {"model_type", "architectures", "transformers_version", "auto_map", "_name_or_path", "dtype"}
@@ -120,7 +120,7 @@ def _blocks(model: PreTrainedModel):
     return base.h if hasattr(base, "h") else base.layers
 
 
-def _check_btx_sources(sources: list[Source]) -> None:
+def _check_btx_sources(sources: list[Source], method: str = "btx") -> None:
     ref = sources[0]
     ref_shapes = {n: p.shape for n, p in ref.model.state_dict().items()}
     for src in sources[1:]:
@@ -128,19 +128,19 @@ def _check_btx_sources(sources: list[Source]) -> None:
             raise ConfigError(
                 "model",
                 src.name,
-                f"btx sources must share an architecture: {ref.model.config.model_type} "
+                f"{method} sources must share an architecture: {ref.model.config.model_type} "
                 f"vs {src.model.config.model_type}",
             )
         shapes = {n: p.shape for n, p in src.model.state_dict().items()}
         if shapes.keys() != ref_shapes.keys():
             missing = sorted(ref_shapes.keys() ^ shapes.keys())[0]
-            raise ConfigError("model", src.name, f"btx sources differ in parameters (e.g. {missing})")
+            raise ConfigError("model", src.name, f"{method} sources differ in parameters (e.g. {missing})")
         for n, s in shapes.items():
             if s != ref_shapes[n]:
                 raise ConfigError(
                     "model",
                     src.name,
-                    f"btx sources differ in shape at {n}: {tuple(ref_shapes[n])} vs {tuple(s)}",
+                    f"{method} sources differ in shape at {n}: {tuple(ref_shapes[n])} vs {tuple(s)}",
                 )
 
 
@@ -150,15 +150,16 @@ def upcycle_model(
 ) -> UpcycleResult:
     """Build (not save) the MoE model described by ``opts``. ``sources`` skips loading when given."""
     if sources is None:
-        sources = [load_source(name) for name in opts.model]
-    if opts.method == "btx":
+        sources = [load_source(name) for name in opts.source_names]
+    if opts.method in ("btx", "nexus"):
         if len(sources) < 2:
-            raise ConfigError("model", opts.model, "btx needs at least two dense sources")
-        _check_btx_sources(sources)
+            raise ConfigError("model", opts.model, f"{opts.method} needs at least two dense sources")
+        _check_btx_sources(sources, opts.method)
     src = sources[0].model
     family = family_for(src.config.model_type)
     method = get_method(opts.method)
-    moe_cfg = build_moe_config(family, src, opts)
+    prepared = prepare(opts.method, opts, sources)
+    moe_cfg = build_moe_config(family, src, opts).replace(**prepared.moe)
     layers = parse_layers(opts.layers, src.config.num_hidden_layers)
 
     cfg_dict = {k: v for k, v in src.config.to_dict().items() if k not in _DROP_KEYS}
@@ -167,12 +168,13 @@ def upcycle_model(
         cfg_dict["pad_token_id"] = cfg_dict["eos_token_id"]
     upcycling = {
         "method": opts.method,
-        "sources": [_recorded_source(name) for name in opts.model],
-        "sources_as_given": list(opts.model),
+        "sources": [_recorded_source(name) for name in opts.source_names],
+        "sources_as_given": opts.source_names,
         "seed": opts.seed,
         "layers": layers,
         "options": used_options(opts),
         "upcycle_version": upcycle.__version__,
+        **prepared.upcycling,
     }
     config = family.config_cls(**cfg_dict, moe=moe_cfg.to_dict(), moe_layers=layers, upcycling=upcycling)
     # Every weight is about to be written: skip the random init (2-3 s and a full pass of RNG for GPT-2).
@@ -180,8 +182,8 @@ def upcycle_model(
         model = family.causal_lm_cls(config)
     model.to(src.dtype)
 
-    # 1. Everything that is not an MoE layer: copied, or averaged across BTX sources.
-    state = _merged_state(sources)
+    # 1. Everything that is not an MoE layer: copied, or averaged across BTX (Nexus: chosen) sources.
+    state = _merged_state(prepared.merge or sources)
     moe_prefixes = tuple(f"{name}." for name, mod in model.named_modules() if isinstance(mod, MoE))
     written = set()
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
@@ -210,19 +212,18 @@ def upcycle_model(
                 torch.nn.init.normal_(
                     moe.shared_expert_gate.weight, 0.0, config.initializer_range, generator=generator
                 )
-            ctx = LayerInit(i, moe, dense, generator, opts, getattr(config, "initializer_range", 0.02))
+            ctx = LayerInit(
+                i,
+                moe,
+                dense,
+                generator,
+                opts,
+                getattr(config, "initializer_range", 0.02),
+                prepared=prepared.data,
+            )
             method(ctx)
-            merged = DenseMLP.average(dense) if len(dense) > 1 else dense[0]
-            for shared in moe.shared_experts:
-                if opts.method == "scratch":
-                    for p in shared.parameters():
-                        p.copy_(
-                            torch.normal(0.0, ctx.initializer_range, p.shape, generator=generator)
-                            if p.dim() == 2
-                            else torch.zeros_like(p)
-                        )
-                else:
-                    copy_into_expert(shared, merged)
+            if "shared_experts" not in ctx.info:  # unless the method filled them (Nexus: the seed's MLP)
+                _fill_shared_experts(moe, dense, opts.method == "scratch", ctx.initializer_range, generator)
             layer_info[i] = ctx.info
             bar.advance(task)
 
@@ -251,6 +252,19 @@ def used_options(opts: UpcycleConfig) -> dict:
     return options
 
 
+def _fill_shared_experts(moe: MoE, dense: list[DenseMLP], scratch: bool, std: float, generator) -> None:
+    """Shared experts: copies of the (averaged) dense MLP, or N(0, std) weights for from-scratch experts."""
+    merged = DenseMLP.average(dense) if len(dense) > 1 else dense[0]
+    for shared in moe.shared_experts:
+        if not scratch:
+            copy_into_expert(shared, merged)
+            continue
+        for p in shared.parameters():
+            p.copy_(
+                torch.normal(0.0, std, p.shape, generator=generator) if p.dim() == 2 else torch.zeros_like(p)
+            )
+
+
 def _merged_state(sources: list[Source]) -> dict[str, torch.Tensor]:
     states = [s.model.state_dict() for s in sources]
     if len(states) == 1:
@@ -271,29 +285,41 @@ def probe_batch(vocab_size: int, batch: int, length: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def function_preservation(dense: PreTrainedModel, moe_model: PreTrainedModel, opts: UpcycleConfig) -> dict:
-    """max |Δlogits| and mean KL(dense ‖ MoE) per token on the probe batch, both models in eval mode."""
-    length = min(opts.probe_length, getattr(dense.config, "max_position_embeddings", opts.probe_length))
-    ids = probe_batch(dense.config.vocab_size, opts.probe_batch, length)
-    m = moe_config_of(moe_model.config)
+def logit_divergence(
+    reference: PreTrainedModel, model: PreTrainedModel, ids: torch.Tensor
+) -> tuple[float, float]:
+    """(max |Δlogits|, mean KL(reference ‖ model) per token) on the rows of ``ids``, both in eval mode."""
+    m = moe_config_of(model.config)
     max_diff, kl_sum = 0.0, 0.0
     # One sequence at a time: full-vocabulary logits of a whole batch would dominate peak memory.
     for i, row in enumerate(ids.split(1)):
         # Fixed routing takes its expert from a per-sequence label: the probe rows take turns.
         extra = {"sequence_labels": torch.tensor([i % m.num_experts])} if m.router_mode == "fixed" else {}
-        d = dense.eval()(input_ids=row).logits.float()
-        out = moe_model.eval()(input_ids=row, **extra).logits.float()
+        ref_extra = extra if getattr(reference.config, "moe_layers", None) else {}
+        d = reference.eval()(input_ids=row, **ref_extra).logits.float()
+        out = model.eval()(input_ids=row, **extra).logits.float()
         max_diff = max(max_diff, float((d - out).abs().max()))
         kl = F.kl_div(F.log_softmax(out, -1), F.log_softmax(d, -1), log_target=True, reduction="none").sum(-1)
         kl_sum += float(kl.sum())
+    # KL is ≥ 0; float rounding of two equal distributions can give -1e-9.
+    return max_diff, max(0.0, kl_sum / ids.numel())
+
+
+@torch.no_grad()
+def function_preservation(dense: PreTrainedModel, moe_model: PreTrainedModel, opts: UpcycleConfig) -> dict:
+    """max |Δlogits| and mean KL(dense ‖ MoE) per token on the probe batch, both models in eval mode."""
+    length = min(opts.probe_length, getattr(dense.config, "max_position_embeddings", opts.probe_length))
+    ids = probe_batch(dense.config.vocab_size, opts.probe_batch, length)
+    m = moe_config_of(moe_model.config)
+    max_diff, mean_kl = logit_divergence(dense, moe_model, ids)
     scaled = bool((moe_model.config.upcycling or {}).get("options", {}).get("weight_scaling"))
     return {
         "max_abs_logit_diff": max_diff,
-        # KL is ≥ 0; float rounding of two equal distributions can give -1e-9.
-        "mean_kl": max(0.0, kl_sum / ids.numel()),
+        "mean_kl": mean_kl,
         "probe_tokens": int(ids.numel()),
         "scales_by_router_probability": not m.weights_sum_to_one,
         "weight_scaling": scaled or opts.scaling,
+        **({"method": "nexus"} if getattr(opts, "method", None) == "nexus" else {}),
         **routing_warnings(m),
     }
 
@@ -310,7 +336,11 @@ def preservation_line(fp: dict) -> str:
     """The function-preservation figures and, in the same line, what the routing choice implies for them
     and for the router's training signal; a second line warns of routing that sees future tokens."""
     line = f"function preservation: max |Δlogits| = {fp['max_abs_logit_diff']:.3g}, mean KL = {fp['mean_kl']:.3g}"
-    if fp.get("scales_by_router_probability") and not fp.get("weight_scaling"):
+    if fp.get("method") == "nexus":
+        line += (
+            " (vs the seed: a Nexus MoE adds each token's routed domain expert to the seed's MLP by design)"
+        )
+    elif fp.get("scales_by_router_probability") and not fp.get("weight_scaling"):
         line += (
             " — note: softmax-then-top-k without renormalisation (Switch-style) multiplies each expert's output"
             " by its router probability (≈ top_k/experts at initialisation), so the MoE does not start as the"
@@ -349,7 +379,7 @@ def convert(opts: UpcycleConfig, progress: bool = True) -> UpcycleResult:
     """Load, upcycle and save (when ``opts.out`` is set). The output folder is checked before any work."""
     if opts.out is not None:
         check_output_dir(opts.out, opts.overwrite)
-    sources = [load_source(name) for name in opts.model]
+    sources = [load_source(name) for name in opts.source_names]
     result = upcycle_model(opts, sources, progress=progress)
     if opts.out is not None:
         result.out = save_atomically(result.model, sources[0].tokenizer, opts.out, opts.overwrite)
@@ -374,6 +404,7 @@ __all__ = [
     "convert",
     "function_preservation",
     "load_source",
+    "logit_divergence",
     "options_from",
     "save_atomically",
     "upcycle_model",

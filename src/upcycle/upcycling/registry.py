@@ -2,7 +2,8 @@
 
 A method fills the routed experts (and, for granular upcycling, the router) of one MoE layer from the
 dense MLP(s) of that layer. Everything else in the model is copied (or, for BTX, averaged) by the
-converter before methods run.
+converter before methods run. A method may also register a ``prepare`` step that runs once per
+conversion before any layer (Nexus computes its domain embeddings there): see :class:`Prepared`.
 """
 
 from __future__ import annotations
@@ -30,23 +31,51 @@ class LayerInit:
     """The UpcycleConfig of the conversion."""
     initializer_range: float = 0.02
     info: dict = field(default_factory=dict)
-    """What the method did (e.g. re-initialised indices), returned to the converter and tests."""
+    """What the method did (e.g. re-initialised indices), returned to the converter and tests. A method that
+    fills the shared experts itself sets ``info["shared_experts"]`` so the converter leaves them alone."""
+    prepared: dict = field(default_factory=dict)
+    """``Prepared.data`` of the method's prepare step (empty for most methods)."""
 
     @property
     def dense(self) -> DenseMLP:
         return self.sources[0]
 
 
+@dataclass
+class Prepared:
+    """What a method's prepare step decides once per conversion, before the layers are built."""
+
+    moe: dict = field(default_factory=dict)
+    """MoEConfig fields it sets (Nexus: the domain embedding size)."""
+    upcycling: dict = field(default_factory=dict)
+    """Entries added to the checkpoint's ``upcycling`` record."""
+    merge: list | None = None
+    """The sources whose non-MoE weights are averaged (None: all of them)."""
+    data: dict = field(default_factory=dict)
+    """Handed to every layer's :class:`LayerInit` as ``prepared``."""
+
+
 MethodFn = Callable[[LayerInit], None]
+PrepareFn = Callable[[object, list], Prepared]
 _METHODS: dict[str, MethodFn] = {}
+_PREPARE: dict[str, PrepareFn] = {}
 
 
-def register(name: str) -> Callable[[MethodFn], MethodFn]:
+def register(name: str, prepare: PrepareFn | None = None) -> Callable[[MethodFn], MethodFn]:
     def wrap(fn: MethodFn) -> MethodFn:
         _METHODS[name] = fn
+        if prepare is not None:
+            _PREPARE[name] = prepare
         return fn
 
     return wrap
+
+
+def prepare(name: str, options: object, sources: list) -> Prepared:
+    """Run method ``name``'s prepare step on the loaded sources (an empty :class:`Prepared` if it has none)."""
+    get_method(name)
+    step = _PREPARE.get(name)
+    return step(options, sources) if step is not None else Prepared()
 
 
 def get_method(name: str) -> MethodFn:
