@@ -232,9 +232,12 @@ def suggest(name: str, known: typing.Iterable[str]) -> str | None:
         if target in known and target != name:
             return target
     lowered = {k.lower(): k for k in known}
-    close = difflib.get_close_matches(key, list(lowered), n=1, cutoff=0.7)
+    close = difflib.get_close_matches(key, list(lowered), n=2, cutoff=0.7)
     if close:
-        return lowered[close[0]]
+        # Two names one edit away (``expertz``: ``expert`` and ``experts``) are both shown.
+        ratio = [difflib.SequenceMatcher(None, key, c).ratio() for c in close]
+        shown = close if len(close) == 2 and ratio[0] - ratio[1] < 0.08 else close[:1]
+        return " or ".join(lowered[c] for c in shown)
     # A prefix or suffix of a known name (``shared`` → ``shared_experts``) when that is unambiguous.
     partial = [k for k in known if len(key) >= 3 and (k.startswith(key) or k.endswith(key))]
     return partial[0] if len(partial) == 1 else None

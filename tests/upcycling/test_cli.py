@@ -165,7 +165,7 @@ def test_export_via_cli(sources, tmp_path, capsys):
 @pytest.mark.parametrize(
     "yaml_text,needles",
     [
-        ("expertz: 3\n", ["cfg.yaml", "expertz=3", "did you mean experts?"]),
+        ("expertz: 3\n", ["cfg.yaml", "expertz=3", "did you mean expert or experts?"]),
         ("top_kk: 1\n", ["cfg.yaml", "top_kk", "did you mean top_k?"]),
         ("num_experts: 4\n", ["cfg.yaml", "num_experts", "did you mean experts?"]),
         ("experts: eight\n", ["cfg.yaml", "experts='eight'", "expected an integer"]),
