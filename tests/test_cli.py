@@ -56,7 +56,8 @@ def test_convert_help_lists_defaults_presets_and_keeps_example_lines(capsys):
     flat = " ".join(out.split())
     for shown in ("(default: drop)", "(default: 0.5)", "(default: 8)", "(default: 2)", "(default: all)"):
         assert shown in flat
-    assert "Renormalise the kept top-k probabilities (see MoEConfig.renormalize). (default: on)" in flat
+    assert "Renormalise the kept top-k probabilities (see MoEConfig.renormalize)" in flat
+    assert "a top-1 router. (default: on)" in flat  # the renormalize flag's help ends with its default
     assert "--capacity-factor CAPACITY_FACTOR" in out
     # Example commands keep their own lines (a raw description, not one reflowed paragraph).
     assert (
@@ -96,7 +97,7 @@ def test_pretrain_help_lists_model_presets_and_defaults(capsys):
         (["pretrain", "--lr", "nan"], ["--lr", "'nan'", "number"]),
         (["inspect", "x", "--seq-len", "abc"], ["--seq-len", "'abc'", "integer"]),
         (["convert", "--method", "dorp"], ["--method", "'dorp'", "did you mean 'drop'"]),
-        (["convert", "--expertz", "3"], ["--expertz", "did you mean '--experts'"]),
+        (["convert", "--expertz", "3"], ["--expertz", "did you mean '--expert or --experts'"]),
         (["export", "m"], ["--format", "--out", "required"]),
     ],
 )

@@ -131,7 +131,7 @@ def explain_parse_error(parser, exc: BaseException) -> str:
     if m and m.group(1).startswith("-"):
         flag = m.group(1).split("=")[0]
         options = [s[2:] for a in parser._actions for s in a.option_strings if s.startswith("--")]
-        hint = _suggestion(flag.lstrip("-"), options).replace(" '", " '--")
+        hint = _suggestion(flag.lstrip("-"), options).replace(" '", " '--").replace(" or ", " or --")
         return f"unknown option {flag}{hint}; see 'upcycle {parser.prog.split()[-1]} --help'"
     m = re.match(r"the following arguments are required: (.*)$", message)
     if m:

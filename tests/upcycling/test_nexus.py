@@ -187,7 +187,7 @@ def test_training_moves_the_projection_and_not_the_domain_embeddings(nexus_world
         (["--expert", "prose=P", "code=C", "--domain-data", "prose=DP", "--domain-embeddings", "EMB"],
          "domain 'code' has no --domain-data and no --domain-embeddings entry"),
         (["--expert", "P"], "expected NAME=VALUE"),
-        (["--method", "drop", "--expert", "prose=P"], "only method 'nexus' takes it"),
+        (["--method", "drop", "--expert", "prose=P"], "applies to method 'nexus' only"),
         (["--expert", "prose=P", "--domain-data", "prose=DP", "--experts", "3"], "nexus builds 1"),
     ],
 )  # fmt: skip

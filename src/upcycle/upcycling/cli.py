@@ -29,7 +29,14 @@ from upcycle.config import (
     normalise_keys,
 )
 from upcycle.moe.config import MoEConfig
-from upcycle.upcycling.options import DERIVED_MOE_FIELDS, METHOD_OPTIONS, PRESETS, RENAMED, UpcycleConfig
+from upcycle.upcycling.options import (
+    DERIVED_MOE_FIELDS,
+    METHOD_OPTIONS,
+    PRESETS,
+    RENAMED,
+    SHOWN_DEFAULTS,
+    UpcycleConfig,
+)
 
 HELP = "convert a dense model into an MoE checkpoint (naive, drop, noise, granular, scratch, btx, nexus)"
 
@@ -63,7 +70,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--preset", default=None, choices=list(PRESETS), help="start from a named setting (listed below)"
     )
-    add_dataclass_flags(parser, UpcycleConfig, skip=("moe", "preset", *REPEATED))
+    add_dataclass_flags(parser, UpcycleConfig, skip=("moe", "preset", *REPEATED), defaults=SHOWN_DEFAULTS)
     docs = field_docs(UpcycleConfig)
     for name in REPEATED:
         parser.add_argument(

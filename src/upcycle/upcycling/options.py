@@ -36,6 +36,9 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "embed_tokens": ("nexus",),
     "domain_text_field": ("nexus",),
 }
+#: What --help shows for the options whose default depends on the method (None in UpcycleConfig means
+#: "not given"; UpcycleConfig._resolve_method_defaults fills them in).
+SHOWN_DEFAULTS = {"experts": 8, "top_k": 2, "renormalize": True, "shared_experts": 0}
 #: MoEConfig fields exposed by UpcycleConfig under a shorter name (the issue's CLI flags).
 RENAMED = {"num_experts": "experts", "router_jitter": "jitter", "num_shared_experts": "shared_experts"}
 
@@ -59,9 +62,9 @@ class UpcycleConfig:
     """Which decoder layers become MoE: 'all', 'every_other' (1, 3, 5, … as in Switch/GShard and
     Qwen2-MoE's sparse step 2) or a comma-separated list of indices."""
     experts: int | None = None
-    """Number of routed experts per MoE layer (default 8; nexus: one per --expert)."""
+    """Number of routed experts per MoE layer (nexus: one per --expert)."""
     top_k: int | None = None
-    """Experts per token (default 2; nexus: 1, the paper's top-1 among the routed experts)."""
+    """Experts per token (nexus: 1, the paper's top-1 among the routed experts)."""
     ratio: float = 0.5
     """drop: re-initialisation ratio r in [0, 1] (Drop-Upcycling's best is 0.5)."""
     index_sharing: Literal["expert", "matrix"] = "expert"
@@ -83,16 +86,16 @@ class UpcycleConfig:
     score_order: Literal["softmax_topk", "topk_softmax"] = "softmax_topk"
     """Router scoring order (see MoEConfig.score_order)."""
     renormalize: bool | None = None
-    """Renormalise the kept top-k probabilities (see MoEConfig.renormalize). Default True; nexus: False,
-    the paper's shared + p·routed output (Gritsch et al. 2024, Fig. 2), which also lets the LM loss train
+    """Renormalise the kept top-k probabilities (see MoEConfig.renormalize); nexus: off, the paper's
+    shared + p·routed output (Gritsch et al. 2024, Fig. 2), which also lets the LM loss train
     a top-1 router."""
     router_init: str = "normal:0.02"
     """Router initialisation: normal:STD, uniform:A or zeros."""
     jitter: float = 0.0
     """Router jitter ε (multiplicative noise on the router input in training)."""
     shared_experts: int | None = None
-    """Shared experts (always active), initialised as copies of the dense MLP (default 0; nexus: 1, the
-    seed model's MLP)."""
+    """Shared experts (always active), initialised as copies of the dense MLP (nexus: 1, the seed model's
+    MLP)."""
     aux_loss_weight: float = 0.01
     """Weight of the load-balancing loss, on its mean over MoE layers (Switch/Megatron per-layer sum:
     divide by the number of layers; Hugging Face's router_aux_loss_coef: divide by top_k)."""
