@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "export": "upcycle.models.export",
     "pretrain": "upcycle.training.cli",
     "demo": "upcycle.demo",
+    "evaluate": "upcycle.evaluation.cli",
 }
 
 
