@@ -16,6 +16,9 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from upcycle.config import ConfigError, add_dataclass_flags, load_yaml, merge_layers, normalise_keys
 from upcycle.evaluation.config import EvaluateConfig
 
@@ -49,30 +52,48 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     """Run the evaluation ``cfg`` describes and write its results folder; returns results.json's dict."""
     from upcycle.evaluation.results import add_paired_tests, model_names, write_results
     from upcycle.io import check_output_dir
+    from upcycle.models.loading import model_source
 
     cfg.validate()
     cfg.check_runnable()
     check_output_dir(cfg.out, cfg.overwrite)  # before hours of evaluation, not after
+    for path in cfg.models:
+        model_source(path, flag="models")  # a mistyped folder fails before any data is read
     names = model_names(cfg.models, cfg.names)
     baseline = cfg.baseline if cfg.baseline is not None else names[0]
     if baseline not in names:
         raise ConfigError("baseline", baseline, f"not a model name; the names are {', '.join(names)}")
-    if cfg.task == "lm":
-        from upcycle.evaluation.tasks import lm_models
+    with quiet_datasets():
+        if cfg.task == "lm":
+            from upcycle.evaluation.tasks import lm_models
 
-        results, correct = lm_models(cfg, names)
-    elif cfg.is_lm_eval:
-        from upcycle.evaluation.harness import lm_eval_models
+            results, correct = lm_models(cfg, names)
+        elif cfg.is_lm_eval:
+            from upcycle.evaluation.harness import lm_eval_models
 
-        results, correct = lm_eval_models(cfg, names)
-    else:
-        from upcycle.evaluation.tasks import classification_models
+            results, correct = lm_eval_models(cfg, names)
+        else:
+            from upcycle.evaluation.tasks import classification_models
 
-        results, correct = classification_models(cfg, names)
+            results, correct = classification_models(cfg, names)
     if len(correct) > 1 and baseline in correct:
         add_paired_tests(results, correct, baseline, cfg.bootstrap, cfg.seed)
     write_results(cfg.out, results, overwrite=cfg.overwrite, title=_title(cfg))
     return results
+
+
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """No per-split "Generating ..." bars from datasets between our own progress lines."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
 
 
 def _title(cfg: EvaluateConfig) -> str:

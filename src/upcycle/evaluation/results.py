@@ -42,8 +42,12 @@ def model_names(paths: Sequence[str], names: Sequence[str] | None = None) -> lis
     depth = [1] * len(paths)
     while True:
         current = ["/".join(p[-d:]) for p, d in zip(parts, depth)]
-        clashes = {n for n in current if current.count(n) > 1}
-        grow = [i for i, n in enumerate(current) if n in clashes and depth[i] < len(parts[i])]
+        # Lengthen a name while another path (not the same one) has it too.
+        grow = [
+            i
+            for i, n in enumerate(current)
+            if depth[i] < len(parts[i]) and any(c == n and parts[j] != parts[i] for j, c in enumerate(current))
+        ]
         if not grow:
             break
         for i in grow:

@@ -81,6 +81,13 @@ class Progress:
         else:
             print(text, file=sys.stderr, flush=True)
 
+    def warn(self, text: str) -> None:
+        """Warnings show also without progress output."""
+        if self.bar is not None:
+            self.bar.console.print(f"warning: {text}", markup=False, highlight=False)
+        else:
+            print(f"warning: {text}", file=sys.stderr, flush=True)
+
     def stop(self) -> None:
         if self.bar is not None:
             self.bar.stop()
@@ -96,15 +103,34 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def warn_untrained_head(path: str, config, progress: Progress) -> None:
-    """A checkpoint saved as a causal LM gets a freshly initialised classification head when loaded for
-    classification; its accuracy means nothing, which a user should hear about before reading a table."""
-    archs = list(getattr(config, "architectures", None) or [])
-    if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
-        progress.line(
-            f"warning: {path} was saved as {archs[0]}, not a fine-tuned classifier: its classification "
-            "head is untrained (fine-tune it first with `upcycle finetune`)"
-        )
+def saved_architecture(path: str) -> str | None:
+    """The class a checkpoint was saved from (config.json's ``architectures``), None if unknown."""
+    from transformers import AutoConfig
+
+    from upcycle.models.loading import model_source
+
+    try:
+        archs = getattr(AutoConfig.from_pretrained(model_source(path, flag="models")), "architectures", None)
+    except Exception:  # unreadable: load_classifier reports it in its own words
+        return None
+    return archs[0] if archs else None
+
+
+def load_for_classification(path: str, dataset_labels, progress: Progress):
+    """A fine-tuned classifier keeps its labels. A checkpoint saved as a causal LM gets a fresh head
+    with the dataset's labels, and a warning: its accuracy means nothing, which a user should hear
+    before reading a table."""
+    from upcycle.models.loading import load_classifier
+
+    arch = saved_architecture(path)
+    if arch is None or arch.endswith("ForSequenceClassification"):
+        return load_classifier(path, flag="models")
+    model = load_classifier(path, label_names=list(dataset_labels), flag="models")
+    progress.warn(
+        f"{path} was saved as {arch}, not a fine-tuned classifier: its classification head is "
+        "untrained (fine-tune it first with `upcycle finetune`)"
+    )
+    return model
 
 
 # --------------------------------------------------------------------------- xnli / classification
@@ -116,7 +142,6 @@ def classification_models(cfg: EvaluateConfig, names: list[str]) -> tuple[dict, 
     from upcycle.data.xnli import XNLI_LANGUAGES, parse_languages
     from upcycle.evaluation.classify import evaluate_classifier, load_languages
     from upcycle.evaluation.results import accuracy_entry
-    from upcycle.models.loading import load_classifier
 
     allowed = XNLI_LANGUAGES if cfg.task == "xnli" else None
     languages = parse_languages(cfg.languages, field="languages", allowed=allowed)
@@ -125,8 +150,7 @@ def classification_models(cfg: EvaluateConfig, names: list[str]) -> tuple[dict, 
     progress = Progress(cfg.progress)
     results, correct = {}, {}
     for name, path in zip(names, cfg.models):
-        model = load_classifier(path, flag="models").to(device)
-        warn_untrained_head(path, model.config, progress)
+        model = load_for_classification(path, dataset_labels, progress).to(device)
         tokenizer = load_tokenizer(cfg.tokenizer or path, model_config=model.config)
         advance = progress.start(name, sum(len(d.labels) for d in data.values()))
 

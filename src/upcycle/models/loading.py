@@ -67,8 +67,10 @@ def load_classifier(
         config.num_labels = len(label_names)
         config.id2label = dict(enumerate(label_names))
         config.label2id = {n: i for i, n in enumerate(label_names)}
-    if config.pad_token_id is None:
-        eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+    # getattr: transformers 5 configs of some architectures (CodeGen) have no pad/eos attribute at all.
+    if getattr(config, "pad_token_id", None) is None:
+        eos = getattr(config, "eos_token_id", None)
+        eos = eos[0] if isinstance(eos, list) else eos
         config.pad_token_id = pad_token_id if pad_token_id is not None else eos
     try:
         model = AutoModelForSequenceClassification.from_pretrained(source, config=config, dtype=torch.float32)
