@@ -43,13 +43,19 @@ def few_steps(model, xnli_dir, steps: int = 40, seed: int = 0):
 
 
 @pytest.fixture(scope="session")
-def classifiers(tmp_path_factory, xnli_dir):
-    """{"dense": folder, "moe": folder, "dense_lm": causal-LM folder}: fine-tuned-like classifiers."""
+def tiny_lms(tmp_path_factory):
+    """{"dense_lm": folder, "moe_lm": folder}: a tiny GPT-2 and its drop-upcycled MoE, as causal LMs."""
+    root = tmp_path_factory.mktemp("lm")
+    dense_lm = save_tiny_gpt2(root / "dense", n_positions=256)
+    return {"dense_lm": dense_lm, "moe_lm": save_tiny_moe(root / "moe", dense_lm)}
+
+
+@pytest.fixture(scope="session")
+def classifiers(tmp_path_factory, xnli_dir, tiny_lms):
+    """{"dense": folder, "moe": folder, plus the causal LMs}: fine-tuned-like classifiers of both."""
     root = tmp_path_factory.mktemp("models")
-    dense_lm = save_tiny_gpt2(root / "lm" / "dense", n_positions=256)
-    moe_lm = save_tiny_moe(root / "lm" / "moe", dense_lm)
-    out = {"dense_lm": dense_lm, "moe_lm": moe_lm}
-    for key, src in (("dense", dense_lm), ("moe", moe_lm)):
+    out = dict(tiny_lms)
+    for key, src in (("dense", tiny_lms["dense_lm"]), ("moe", tiny_lms["moe_lm"])):
         model = few_steps(load_classifier(src, label_names=XNLI_LABELS), xnli_dir, seed=len(key))
         path = root / key / "best"
         model.save_pretrained(path)

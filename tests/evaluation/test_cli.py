@@ -207,3 +207,29 @@ def test_untrained_head_is_warned_about(classifiers, xnli_dir, tmp_path, capsys)
 def test_label_names_stay_those_of_the_fine_tuned_model(classifiers):
     model = load_classifier(classifiers["moe"])
     assert [model.config.id2label[i] for i in range(3)] == list(XNLI_LABELS)
+
+
+def test_classification_task_on_a_single_text_dataset_without_configurations(tiny_lms, tmp_path):
+    """Any labelled set: one text column, string labels, no configurations (--languages none)."""
+    from upcycle.data.synthetic import write_jsonl
+
+    data = tmp_path / "reviews"
+    texts = ["great film", "awful plot", "a fine day", "bad acting <|endoftext|>", "good", "terrible"]
+    labels = ["positive", "negative", "positive", "negative", "positive", "negative"]
+    write_jsonl(data / "test.jsonl", [{"sentence": t, "label": y} for t, y in zip(texts, labels)])
+    model_dir = tmp_path / "clf"
+    load_classifier(tiny_lms["dense_lm"], label_names=["negative", "positive"]).save_pretrained(model_dir)
+    out = tmp_path / "results"
+    args = ["evaluate", str(model_dir), "--task", "classification", "--data", str(data), "--languages", "none",
+            "--text-fields", "sentence", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    r = json.loads((out / "results.json").read_text())["clf"]
+    tok = gpt2_tokenizer_offline()
+    model = load_classifier(str(model_dir)).eval()
+    hits = 0
+    for text, label in zip(texts, labels):
+        ids = tok(text)["input_ids"]
+        with torch.no_grad():
+            hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1]
+        hits += ["negative", "positive"][int(model.score(hidden[0, -1]).argmax())] == label
+    assert r["n"] == {"all": 6} and r["accuracy"]["all"] == hits / 6

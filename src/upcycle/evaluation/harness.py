@@ -109,6 +109,11 @@ def task_plan(cfg: EvaluateConfig, tmp: Path):
         tasks = write_local_xnli_tasks(cfg.data, languages, tmp)
         # Only our copies are needed: skipping the built-in index saves indexing thousands of YAMLs.
         return TaskManager(include_path=[*include, str(tmp)], include_defaults=False), tasks
+    if include:
+        # The user's folder alone is fast to index (lm-eval's own tasks are thousands of YAMLs).
+        manager = TaskManager(include_path=include, include_defaults=False)
+        if name in manager.all_tasks:
+            return manager, [name]
     manager = TaskManager(include_path=include or None)
     if name == "xnli" and cfg.languages != "all":
         return manager, [f"xnli_{lang}" for lang in parse_languages(cfg.languages, field="languages")]
