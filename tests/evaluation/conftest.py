@@ -30,7 +30,7 @@ def few_steps(model, xnli_dir, steps: int = 40, seed: int = 0):
     labels = torch.tensor(ds["label"])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randperm(len(rows))[:16]
         ids, mask = pad_batch([rows[i] for i in idx], tok.eos_token_id)
         # Generated hypotheses end with a full stop, never the pad id: HF's own pooling is right here.

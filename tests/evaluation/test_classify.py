@@ -93,7 +93,9 @@ def test_pooling_uses_the_last_real_token_even_when_it_is_eos(classifiers, tok):
     assert not np.allclose(hf[:2], expected[:2], atol=1e-3)
     np.testing.assert_allclose(hf[2], expected[2], atol=2e-5, rtol=1e-4)
     # The same through the per-language evaluation, predictions compared with the labels.
-    res = evaluate_classifier(model, tok, {"en": data}, XNLI_LABELS, max_length=128, batch_size=2, device="cpu")
+    res = evaluate_classifier(
+        model, tok, {"en": data}, XNLI_LABELS, max_length=128, batch_size=2, device="cpu"
+    )
     assert res["en"].correct.tolist() == (expected.argmax(-1) == data.labels).tolist()
 
 

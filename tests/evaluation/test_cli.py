@@ -108,13 +108,15 @@ def test_lm_task_equals_evaluate_lm(classifiers, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert list(results) == ["dense", "moe"]
     tok = gpt2_tokenizer_offline()
-    docs = [json.loads(line)["text"] for line in open(corpus["eval"], encoding="utf-8")]
+    docs = [json.loads(line)["text"] for line in corpus["eval"].read_text(encoding="utf-8").splitlines()]
     ids = [t for d in docs for t in [*tok(d)["input_ids"], tok.eos_token_id]]
     blocks = torch.tensor(ids[: 8 * 32]).view(2, 4, 32)  # the first 8 blocks of 32 tokens, in order
     direct = evaluate_lm(AutoModelForCausalLM.from_pretrained(classifiers["dense_lm"]), list(blocks))
     r = results["dense"]
     assert r["tokens"] == direct.tokens == 8 * 31
-    assert r["loss"] == pytest.approx(direct.loss, rel=1e-6) and r["accuracy"] == pytest.approx(direct.accuracy)
+    assert r["loss"] == pytest.approx(direct.loss, rel=1e-6) and r["accuracy"] == pytest.approx(
+        direct.accuracy
+    )
     assert r["perplexity"] == pytest.approx(math.exp(direct.loss), rel=1e-6)
     assert (out / "results.csv").read_text().startswith("model,loss,perplexity,accuracy,tokens\ndense,")
 
@@ -156,11 +158,12 @@ def bad_runs(classifiers, xnli_dir, not_a_classifier, tmp_path):
         "names": ([*base, "--names", "a,b"], "--names=['a', 'b'] is invalid: give one name per model"),
         "baseline": ([*base, "--baseline", "moe"], "--baseline='moe' is invalid: not a model name"),
         "exists": ([*base, "--languages", "en"], f"--out='{existing}' is invalid: already exists; pass --overwrite"),
+        "device": ([*base, "--device", "gpu"], "--device='gpu' is invalid: allowed values are auto, cpu, cuda"),
     }  # fmt: skip
 
 
 CASES = ["language", "missing language", "fields", "label field", "not a classifier", "no model folder",
-         "task", "lm without data", "names", "baseline", "exists"]  # fmt: skip
+         "task", "lm without data", "names", "baseline", "exists", "device"]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES)

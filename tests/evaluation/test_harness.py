@@ -50,7 +50,9 @@ def test_generated_tasks_keep_lm_evals_prompts(xnli_dir, tmp_path):
         ours = yaml.safe_load((tmp_path / f"xnli_{lang}.yaml").read_text(encoding="utf-8"))
         theirs = yaml.safe_load((lm_eval_xnli_dir() / f"xnli_{lang}.yaml").read_text(encoding="utf-8"))
         # Every key of lm-eval's definition unchanged but the dataset's...
-        assert {k: ours[k] for k in theirs if k != "dataset_name"} == {k: v for k, v in theirs.items() if k != "dataset_name"}
+        assert {k: ours[k] for k in theirs if k != "dataset_name"} == {
+            k: v for k, v in theirs.items() if k != "dataset_name"
+        }
         files = ours["dataset_kwargs"]["data_files"]  # ...plus the local files instead of the hub
         assert ours["dataset_path"] == "parquet" and set(files) == {"train", "validation"}
         assert all(Path(f).parent == Path(xnli_dir) / lang for fs in files.values() for f in fs)
@@ -89,7 +91,9 @@ def write_user_tasks(root: Path, xnli_dir) -> Path:
             "output_type": "multiple_choice", "validation_split": "validation", "doc_to_text": "",
             "doc_to_target": "label", "doc_to_choice": choice, "metric_list": [{"metric": "acc"}],
         }  # fmt: skip
-        (root / f"tiny_xnli_{lang}.yaml").write_text(yaml.safe_dump(task, allow_unicode=True), encoding="utf-8")
+        (root / f"tiny_xnli_{lang}.yaml").write_text(
+            yaml.safe_dump(task, allow_unicode=True), encoding="utf-8"
+        )
     group = {"group": "tiny_xnli", "task": ["tiny_xnli_en", "tiny_xnli_fr"]}
     (root / "_tiny_xnli.yaml").write_text(yaml.safe_dump(group), encoding="utf-8")
     return root
@@ -122,7 +126,9 @@ def test_unknown_lm_eval_task_suggests_close_names(tiny_lms, xnli_dir, tmp_path,
             "--out", str(tmp_path / "r")]  # fmt: skip
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "--task='lm-eval:tiny_xnl' is invalid: lm-eval has no task or group 'tiny_xnl'; did you mean" in err
+    assert (
+        "--task='lm-eval:tiny_xnl' is invalid: lm-eval has no task or group 'tiny_xnl'; did you mean" in err
+    )
     assert "tiny_xnli" in err and not (tmp_path / "r").exists()
 
 

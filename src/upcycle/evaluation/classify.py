@@ -159,9 +159,6 @@ def labels_as_ids(values: Sequence, dataset_labels: Sequence[str]) -> np.ndarray
     return np.asarray(values, dtype=np.int64)
 
 
-__all__ = ["Predictions", "class_to_label", "labels_as_ids", "last_token_logits", "length_batches", "predict"]
-
-
 # --------------------------------------------------------------------------- one model on every language
 
 
@@ -251,3 +248,16 @@ def evaluate_classifier(
         results[lang] = LanguageResult(correct, preds.real_tokens, preds.computed_tokens, preds.seconds)
     return results
 
+
+__all__ = [
+    "LanguageData",
+    "LanguageResult",
+    "Predictions",
+    "class_to_label",
+    "evaluate_classifier",
+    "labels_as_ids",
+    "last_token_logits",
+    "length_batches",
+    "load_languages",
+    "predict",
+]

@@ -51,6 +51,7 @@ def config_from_args(args) -> EvaluateConfig:
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Run the evaluation ``cfg`` describes and write its results folder; returns results.json's dict."""
     from upcycle.evaluation.results import add_paired_tests, model_names, write_results
+    from upcycle.evaluation.tasks import resolve_device
     from upcycle.io import check_output_dir
     from upcycle.models.loading import model_source
 
@@ -59,6 +60,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     check_output_dir(cfg.out, cfg.overwrite)  # before hours of evaluation, not after
     for path in cfg.models:
         model_source(path, flag="models")  # a mistyped folder fails before any data is read
+    resolve_device(cfg.device)
     names = model_names(cfg.models, cfg.names)
     baseline = cfg.baseline if cfg.baseline is not None else names[0]
     if baseline not in names:

@@ -91,7 +91,9 @@ class EvaluateConfig:
         check_literals(self)
         if not (self.task in TASKS or self.is_lm_eval):
             raise ConfigError(
-                "task", self.task, f"allowed values are {', '.join(TASKS)} or lm-eval:TASK (e.g. lm-eval:xnli)"
+                "task",
+                self.task,
+                f"allowed values are {', '.join(TASKS)} or lm-eval:TASK (e.g. lm-eval:xnli)",
             )
         if self.is_lm_eval and not self.lm_eval_task:
             raise ConfigError("task", self.task, "name an lm-eval task after the colon, e.g. lm-eval:xnli")
@@ -127,7 +129,9 @@ class EvaluateConfig:
             raise ConfigError("data", self.data, "--task classification needs a dataset (hub id or folder)")
         if self.names is not None and len(self.names) != len(self.models):
             raise ConfigError(
-                "names", self.names, f"give one name per model ({len(self.models)} models, {len(self.names)} names)"
+                "names",
+                self.names,
+                f"give one name per model ({len(self.models)} models, {len(self.names)} names)",
             )
         if self.names is not None and len(set(self.names)) != len(self.names):
             raise ConfigError("names", self.names, "names must be different")

@@ -71,7 +71,9 @@ def write_local_xnli_tasks(data: str, languages: Sequence[str], include_dir: str
                     continue
                 raise
         task.update(dataset_path=builder, dataset_name=None, dataset_kwargs={"data_files": files})
-        (include_dir / f"xnli_{lang}.yaml").write_text(yaml.safe_dump(task, allow_unicode=True), encoding="utf-8")
+        (include_dir / f"xnli_{lang}.yaml").write_text(
+            yaml.safe_dump(task, allow_unicode=True), encoding="utf-8"
+        )
         names.append(task["task"])
     return names
 
@@ -143,7 +145,9 @@ def run_harness(model, tokenizer, cfg: EvaluateConfig, manager, tasks: list[str]
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=cfg.batch_size, device=str(device))
+    lm = HFLM(
+        pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=cfg.batch_size, device=str(device)
+    )
     out = lm_eval.simple_evaluate(
         model=lm,
         tasks=tasks,
@@ -191,6 +195,11 @@ def scores_of(out: dict, group: str) -> tuple[dict[str, np.ndarray], dict[str, d
     return scores, summary
 
 
+def binary(scores: dict[str, np.ndarray]) -> bool:
+    """Per-example scores that are all 0 or 1 (accuracy-like metrics)."""
+    return all(np.isin(s, (0.0, 1.0)).all() for s in scores.values())
+
+
 def harness_entry(path: str, cfg: EvaluateConfig, scores: dict[str, np.ndarray], summary: dict) -> dict:
     """A results.json entry; per-example 0/1 scores give the same intervals and paired tests as the
     fine-tuned tables, other metrics lm-eval's own standard errors."""
@@ -198,7 +207,7 @@ def harness_entry(path: str, cfg: EvaluateConfig, scores: dict[str, np.ndarray],
 
     metric = {s["metric"] for s in summary.values()}
     extra = {"metric": ", ".join(sorted(metric)), "num_fewshot": cfg.num_fewshot, "lm_eval": summary}
-    if all(np.isin(s, (0.0, 1.0)).all() for s in scores.values()):
+    if binary(scores):
         return accuracy_entry(path, cfg.task, {c: s == 1.0 for c, s in scores.items()}, **extra)
     value = {c: summary[c]["value"] for c in scores}
     half = {c: 1.96 * (summary[c]["stderr"] or float("nan")) for c in scores}
@@ -233,7 +242,7 @@ def lm_eval_models(cfg: EvaluateConfig, names: list[str]) -> tuple[dict, dict]:
             release_memory()
             scores, summary = scores_of(out, cfg.lm_eval_task)
             results[name] = harness_entry(path, cfg, scores, summary)
-            if results[name]["metric"] and all(np.isin(s, (0.0, 1.0)).all() for s in scores.values()):
+            if binary(scores):
                 correct[name] = {c: s == 1.0 for c, s in scores.items()}
             for col, s in summary.items():
                 progress.line(f"{name} {col}: {s['metric']} {100 * s['value']:.2f} % of {len(scores[col])}")

@@ -46,7 +46,8 @@ def model_names(paths: Sequence[str], names: Sequence[str] | None = None) -> lis
         grow = [
             i
             for i, n in enumerate(current)
-            if depth[i] < len(parts[i]) and any(c == n and parts[j] != parts[i] for j, c in enumerate(current))
+            if depth[i] < len(parts[i])
+            and any(c == n and parts[j] != parts[i] for j, c in enumerate(current))
         ]
         if not grow:
             break
@@ -116,7 +117,9 @@ def render_csv(results: dict) -> str:
     else:
         writer.writerow(["model", "loss", "perplexity", "accuracy", "tokens"])
         for name, r in results.items():
-            writer.writerow([name, f"{r['loss']:.4f}", f"{r['perplexity']:.3f}", _pct(r["accuracy"]), r["tokens"]])
+            writer.writerow(
+                [name, f"{r['loss']:.4f}", f"{r['perplexity']:.3f}", _pct(r["accuracy"]), r["tokens"]]
+            )
     return buf.getvalue()
 
 
@@ -134,7 +137,9 @@ def render_markdown(results: dict, title: str = "", intervals: bool = True) -> s
     lines += [f"| model | {' | '.join(langs)} | average |", "|---|" + "---:|" * (len(langs) + 1)]
     for name, r in results.items():
         paired = (r.get("paired") or {}).get("languages", {})
-        cells = [_pct(r["accuracy"].get(lang)) + marks(paired.get(lang, {}).get("p_holm", 1.0)) for lang in langs]
+        cells = [
+            _pct(r["accuracy"].get(lang)) + marks(paired.get(lang, {}).get("p_holm", 1.0)) for lang in langs
+        ]
         lines.append(f"| {name} | {' | '.join(cells)} | {_pct(r['average'])} |")
     n = {lang: {r["n"].get(lang) for r in results.values()} for lang in langs}
     sizes = sorted({x for v in n.values() for x in v if x is not None})
@@ -147,7 +152,13 @@ def render_markdown(results: dict, title: str = "", intervals: bool = True) -> s
     if not intervals:
         return "\n".join(lines) + "\n"
     lines += _paired_section(results, langs)
-    lines += ["", "95% intervals (Wilson):", "", f"| model | {' | '.join(langs)} |", "|---|" + "---:|" * len(langs)]
+    lines += [
+        "",
+        "95% intervals (Wilson):",
+        "",
+        f"| model | {' | '.join(langs)} |",
+        "|---|" + "---:|" * len(langs),
+    ]
     for name, r in results.items():
         cells = [f"{_pct(r['ci95'][lang][0])}–{_pct(r['ci95'][lang][1])}" for lang in langs]
         lines.append(f"| {name} | {' | '.join(cells)} |")
@@ -188,10 +199,21 @@ def write_results(out: str | Path, results: dict, *, overwrite: bool, title: str
     from upcycle.io import atomic_output_dir
 
     with atomic_output_dir(out, overwrite=overwrite, flag="out") as tmp:
-        (tmp / "results.json").write_text(json.dumps(results, indent=1, allow_nan=True) + "\n", encoding="utf-8")
+        (tmp / "results.json").write_text(
+            json.dumps(results, indent=1, allow_nan=True) + "\n", encoding="utf-8"
+        )
         (tmp / "results.csv").write_text(render_csv(results), encoding="utf-8")
         (tmp / "results.md").write_text(render_markdown(results, title), encoding="utf-8")
     return Path(out)
 
 
-__all__ = ["PAIRED_TEST", "accuracy_entry", "add_paired_tests", "languages_of", "model_names", "render_csv", "render_markdown", "write_results"]
+__all__ = [
+    "PAIRED_TEST",
+    "accuracy_entry",
+    "add_paired_tests",
+    "languages_of",
+    "model_names",
+    "render_csv",
+    "render_markdown",
+    "write_results",
+]

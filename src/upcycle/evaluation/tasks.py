@@ -22,18 +22,22 @@ TEXT_DATA_CONFIG = {"allenai/c4": "en"}
 
 
 def resolve_device(spec: str):
+    """--device: auto (the first GPU if there is one, else the CPU) or a torch device that exists."""
     import torch
 
+    from upcycle.config import ConfigError
+
     if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    allowed = "allowed values are auto, cpu, cuda, cuda:N, mps"
     try:
         device = torch.device(spec)
     except RuntimeError as exc:
-        from upcycle.config import ConfigError
-
-        raise ConfigError("device", spec, "allowed values are auto, cpu, cuda, cuda:N, mps") from exc
+        raise ConfigError("device", spec, allowed) from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", spec, "no CUDA GPU is available; use auto or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device", spec, "MPS is not available; use auto or cpu")
     return device
 
 
@@ -245,7 +249,9 @@ def lm_models(cfg: EvaluateConfig, names: list[str]) -> tuple[dict, dict]:
     for name, path in zip(names, cfg.models):
         model = load_causal_lm(path).to(device)
         tokenizer = load_tokenizer(cfg.tokenizer or path, model_config=model.config)
-        context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
+        context = getattr(model.config, "n_positions", None) or getattr(
+            model.config, "max_position_embeddings", 1024
+        )
         seq_len = cfg.seq_len or min(1024, int(context))
         advance = progress.start(f"{name} blocks", cfg.limit)
         try:
@@ -254,7 +260,9 @@ def lm_models(cfg: EvaluateConfig, names: list[str]) -> tuple[dict, dict]:
             progress.stop()
         if res.tokens == 0:
             raise UserError(f"--data {cfg.data} holds fewer than one block of {seq_len} tokens (--seq-len)")
-        progress.line(f"{name}: loss {res.loss:.4f}, perplexity {res.perplexity:.3f}, accuracy {res.accuracy:.4f}")
+        progress.line(
+            f"{name}: loss {res.loss:.4f}, perplexity {res.perplexity:.3f}, accuracy {res.accuracy:.4f}"
+        )
         results[name] = {
             "path": str(path),
             "task": "lm",
@@ -270,4 +278,11 @@ def lm_models(cfg: EvaluateConfig, names: list[str]) -> tuple[dict, dict]:
     return results, {}
 
 
-__all__ = ["Progress", "classification_models", "lm_models", "load_causal_lm", "release_memory", "resolve_device"]
+__all__ = [
+    "Progress",
+    "classification_models",
+    "lm_models",
+    "load_causal_lm",
+    "release_memory",
+    "resolve_device",
+]
