@@ -13,7 +13,9 @@ fine-tuned. Random token ids of those lengths (content does not change the cost;
 router spreads tokens evenly). Seven of the fifteen languages exceed 128 tokens on most pairs, so
 padding to 128 wastes less on all fifteen than on English, French and Spanish: both sets are timed.
 
-Candidates, each over the same examples, alternating round by round (median over rounds):
+Candidates, each over the same examples, language by language, the three back to back in an order that
+rotates with the language and the round (medians over rounds of the totals; ratios by wall time and,
+less sensitive to a busy shared machine, by process CPU time):
 - ``dense`` and ``moe``: :func:`upcycle.evaluation.classify.predict`, what ``upcycle evaluate`` runs
   (length-grouped batches, ``torch.inference_mode``, pooled at the last real token);
 - ``hf-128``: the dense model through ``transformers.Trainer.predict`` on rows padded to 128 tokens
@@ -21,7 +23,7 @@ Candidates, each over the same examples, alternating round by round (median over
 
 Targets (issue 12): MoE ÷ dense ≤ 1.10; tokens computed ÷ real tokens ≤ 1.15; hf-128 ÷ dense ≥ 2.
 
-    python benchmarks/finetune_eval.py                       # CPU: 8 pairs per language, 2 rounds
+    python benchmarks/finetune_eval.py                       # CPU: 32 pairs per language, 2 rounds
     python benchmarks/finetune_eval.py --device cuda --per-language 512 --rounds 5
 """
 
@@ -104,92 +106,116 @@ def build_classifiers():
     return out
 
 
-def time_trainer(model, rows, batch_size: int, device: str) -> float:
-    """Seconds for ``Trainer.predict`` over ``rows`` padded to 128 tokens (run_xnli.py's evaluation)."""
+def padded_dataset(rows, pad: int):
+    """``rows`` padded to 128 tokens, as run_xnli.py tokenizes (``padding="max_length"``)."""
     from datasets import Dataset
-    from transformers import Trainer, TrainingArguments
 
-    pad = model.config.pad_token_id
-    ds = Dataset.from_dict(
+    return Dataset.from_dict(
         {
             "input_ids": [r + [pad] * (MAX_LENGTH - len(r)) for r in rows],
             "attention_mask": [[1] * len(r) + [0] * (MAX_LENGTH - len(r)) for r in rows],
         }
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(
-            output_dir=tmp,
-            per_device_eval_batch_size=batch_size,
-            report_to=[],
-            use_cpu=device == "cpu",
-            disable_tqdm=True,
-        )
-        trainer = Trainer(model=model, args=args)
-        start = time.perf_counter()
-        trainer.predict(ds)
-        return time.perf_counter() - start
 
 
-def time_ours(model, rows: dict[str, list[list[int]]], batch_size: int, device: str):
-    """(seconds, tokens computed, real tokens) of the evaluation ``upcycle evaluate`` runs: each language
-    batched by length on its own."""
+def make_trainer(model, batch_size: int, device: str, out_dir: str):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=out_dir,
+        per_device_eval_batch_size=batch_size,
+        report_to=[],
+        use_cpu=device == "cpu",
+        disable_tqdm=True,
+    )
+    return Trainer(model=model, args=args)
+
+
+def timed(fn, device: str) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of ``fn()``. CPU time (all threads) is reported beside wall
+    time because a busy shared machine inflates wall time far more."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    start = time.perf_counter()
-    computed = real = 0
-    for lang_rows in rows.values():
-        preds = predict(model, lang_rows, model.config.pad_token_id, batch_size=batch_size, device=device)
-        computed, real = computed + preds.computed_tokens, real + preds.real_tokens
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return time.perf_counter() - start, computed, real
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def time_set(dense, moe, rows, args) -> tuple[dict[str, list[float]], int, int]:
-    """(seconds per round of each candidate, tokens computed, real tokens); the order rotates each round
-    so that none always runs first."""
+def time_languages(dense, moe, rows: dict[str, list[list[int]]], args):
+    """{candidate: {language: [(wall, cpu) per round]}} and {language: (computed, real) tokens}.
+
+    Each language is timed for the three candidates back to back, in an order that rotates with the
+    language and the round, so a neighbour's load hits all three alike."""
     names = ["dense", "moe", "hf-128"]
-    flat = [r for lang_rows in rows.values() for r in lang_rows]
-    times: dict[str, list[float]] = {name: [] for name in names}
-    computed = real = 0
-    for r in range(args.rounds):
-        for name in names[r % 3 :] + names[: r % 3]:
-            if name == "hf-128":
-                times[name].append(time_trainer(dense, flat, args.batch_size, args.device))
-                continue
-            seconds, computed, real = time_ours(
-                dense if name == "dense" else moe, rows, args.batch_size, args.device
-            )
-            times[name].append(seconds)
-    return times, computed, real
+    pad = dense.config.pad_token_id
+    padded = {lang: padded_dataset(r, pad) for lang, r in rows.items()}
+    times = {name: {lang: [] for lang in rows} for name in names}
+    tokens = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_trainer(dense, args.batch_size, args.device, tmp)
+        for r in range(args.rounds):
+            for i, (lang, lang_rows) in enumerate(rows.items()):
+                shift = (r + i) % 3
+                for name in names[shift:] + names[:shift]:
+                    if name == "hf-128":
+                        times[name][lang].append(
+                            timed(lambda lang=lang: trainer.predict(padded[lang]), args.device)
+                        )
+                        continue
+                    model = dense if name == "dense" else moe
+                    out = {}
+
+                    def run(model=model, lang_rows=lang_rows, out=out):
+                        out["p"] = predict(
+                            model, lang_rows, pad, batch_size=args.batch_size, device=args.device
+                        )
+
+                    times[name][lang].append(timed(run, args.device))
+                    tokens[lang] = (out["p"].computed_tokens, out["p"].real_tokens)
+    return times, tokens
+
+
+def set_line(label: str, languages, times, tokens, rows, args) -> str:
+    """One table row: medians over rounds of each candidate's total over ``languages``."""
+    rounds = range(args.rounds)
+    total, cpu = (
+        {name: [sum(times[name][lang][r][k] for lang in languages) for r in rounds] for name in times}
+        for k in (0, 1)
+    )
+    med = {k: statistics.median(v) for k, v in total.items()}
+
+    def ratio(a, b, table):
+        return statistics.median(x / y for x, y in zip(table[a], table[b]))
+
+    computed = sum(tokens[lang][0] for lang in languages)
+    real = sum(tokens[lang][1] for lang in languages)
+    n = sum(len(rows[lang]) for lang in languages)
+    return (
+        f"{label:<9} {n:>5} {real / n:>8.1f} {med['dense']:>8.2f} {med['moe']:>8.2f} {med['hf-128']:>8.2f} "
+        f"{ratio('moe', 'dense', total):>9.3f} ({ratio('moe', 'dense', cpu):.3f}) "
+        f"{computed / real:>13.3f} {padding_at_full_size(languages, args.batch_size):>13.3f} "
+        f"{ratio('hf-128', 'dense', total):>12.2f} ({ratio('hf-128', 'dense', cpu):.2f})"
+    )
 
 
 def evaluation_rows(args) -> list[str]:
-    """Time the candidates on each language set; returns the printed lines."""
+    """Time the candidates on XNLI-length pairs; returns the printed lines."""
     dense, moe = (m.to(args.device) for m in build_classifiers())
-    vocab = dense.config.vocab_size
+    rows = xnli_like_rows(XNLI_LANGUAGES, args.per_language, dense.config.vocab_size, seed=1)
+    for model in (dense, moe):  # warm-up: first calls allocate and pick kernels
+        predict(model, rows["en"][: args.batch_size], dense.config.pad_token_id, batch_size=args.batch_size)
+    times, tokens = time_languages(dense, moe, rows, args)
     lines = [
         f"evaluation: GPT-2-small dims, device {args.device} ({torch.get_num_threads()} threads), batch "
-        f"{args.batch_size}, {args.per_language} XNLI-length pairs per language, median of {args.rounds} rounds",
+        f"{args.batch_size}, {args.per_language} XNLI-length pairs per language, median of {args.rounds} "
+        "rounds; ratios by wall time (by process CPU time)",
         f"{'languages':<9} {'pairs':>5} {'mean len':>8} {'dense s':>8} {'moe s':>8} {'hf-128 s':>8} "
-        f"{'moe÷dense':>9} {'computed÷real':>13} {'at 5,010/lang':>13} {'hf-128÷dense':>12}",
+        f"{'moe÷dense':>17} {'computed÷real':>13} {'at 5,010/lang':>13} {'hf-128÷dense':>19}",
     ]
     for label, languages in {"all 15": list(XNLI_LANGUAGES), "en,fr,es": ["en", "fr", "es"]}.items():
-        rows = xnli_like_rows(languages, args.per_language, vocab, seed=1)
-        warm = {"en": rows[languages[0]][: args.batch_size]}
-        (
-            time_ours(dense, warm, args.batch_size, args.device),
-            time_ours(moe, warm, args.batch_size, args.device),
-        )
-        times, computed, real = time_set(dense, moe, rows, args)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        ratio = statistics.median(m / d for m, d in zip(times["moe"], times["dense"]))
-        n = sum(len(v) for v in rows.values())
-        lines.append(
-            f"{label:<9} {n:>5} {real / n:>8.1f} {med['dense']:>8.2f} {med['moe']:>8.2f} {med['hf-128']:>8.2f} "
-            f"{ratio:>9.3f} {computed / real:>13.3f} {padding_at_full_size(languages, args.batch_size):>13.3f} "
-            f"{med['hf-128'] / med['dense']:>12.2f}"
-        )
+        lines.append(set_line(label, languages, times, tokens, rows, args))
     lines.append(
         "targets (issue 12): moe÷dense ≤ 1.10, computed÷real ≤ 1.15 (at XNLI's 5,010 per language), "
         "hf-128÷dense ≥ 2"
@@ -200,7 +226,7 @@ def evaluation_rows(args) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--per-language", type=int, default=8, help="pairs per language")
+    ap.add_argument("--per-language", type=int, default=32, help="pairs per language")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2, help="timed rounds (candidates alternate)")
     args = ap.parse_args()
