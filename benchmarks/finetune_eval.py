@@ -19,7 +19,7 @@ less sensitive to a busy shared machine, by process CPU time):
 - ``dense`` and ``moe``: :func:`upcycle.evaluation.classify.predict`, what ``upcycle evaluate`` runs
   (length-grouped batches, ``torch.inference_mode``, pooled at the last real token);
 - ``hf-128``: the dense model through ``transformers.Trainer.predict`` on rows padded to 128 tokens
-  (``run_xnli.py``'s ``padding="max_length"``), same batch size.
+  (``run_xnli.py``'s ``padding="max_length"``), same batch size (default 8, run_xnli.py's).
 
 Targets (issue 12): MoE ÷ dense ≤ 1.10; tokens computed ÷ real tokens ≤ 1.15; hf-128 ÷ dense ≥ 2.
 
@@ -227,7 +227,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--per-language", type=int, default=32, help="pairs per language")
-    ap.add_argument("--batch-size", type=int, default=32)
+    # 8: run_xnli.py's evaluation batch (TrainingArguments' per_device_eval_batch_size default).
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=2, help="timed rounds (candidates alternate)")
     args = ap.parse_args()
     for line in evaluation_rows(args):

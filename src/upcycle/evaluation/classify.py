@@ -1,9 +1,10 @@
 """Classification accuracy of a fine-tuned decoder-only classifier, fast and with the right pooling.
 
 Speed (issue 12): examples are sorted by length and batched with their neighbours, so a batch is padded
-only to its own longest row instead of to 128 tokens as transformers' ``run_xnli.py`` does (XNLI pairs
-average about 50 GPT-2 tokens: padding to 128 computes 2.5× the real tokens; length grouping about 1.01×
-on 5,010 examples). Forward passes run under ``torch.inference_mode``; predictions are put back in the
+only to its own longest row instead of to 128 tokens as transformers' ``run_xnli.py`` does (English,
+French and Spanish pairs average about 53 GPT-2 tokens, so padding to 128 computes 2.4× the real
+tokens; length grouping computes 1.002× on XNLI's 5,010 examples per language; benchmarks/
+finetune_eval.py). Forward passes run under ``torch.inference_mode``; predictions are put back in the
 dataset's order.
 
 Pooling. Hugging Face's decoder classifiers pool the score at "the rightmost token that is not the pad
