@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "demo": "upcycle.demo",
     "analyze": "upcycle.analysis.cli",
     "fertility": "upcycle.analysis.fertility_cli",
+    "evaluate": "upcycle.evaluation.cli",
 }
 
 DESCRIPTION = "Turn dense language models into Mixture-of-Experts models, train them, and study them."
