@@ -206,6 +206,7 @@ def test_bad_input_gives_one_line_errors(nexus_world, sources, tmp_path, capsys,
         for f in flags
     ]
     out = tmp_path / "out"
+    capsys.readouterr()  # what writing the test's own models printed
     code = main(["convert", "--method", "nexus", "--model", w.seed, *flags, "--out", str(out), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and message in err, err

@@ -222,20 +222,11 @@ def _text_batches(cfg: EvaluateConfig, tokenizer, seq_len: int, advance) -> Iter
 
 
 def load_causal_lm(path: str):
-    """A causal LM in float32 (any model AutoModelForCausalLM loads after ``import upcycle``)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """A causal LM in float32 (any model AutoModelForCausalLM loads after ``import upcycle``); the
+    package's one loader, with ``--models`` named in its errors."""
+    from upcycle.models.loading import load_causal_lm as load
 
-    import upcycle.models  # noqa: F401  (registers the MoE model types)
-    from upcycle.models.loading import first_line, model_source
-
-    source = model_source(path, flag="models")
-    try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    except ValueError as exc:
-        raise UserError(f"'{path}' cannot be loaded as a causal language model: {first_line(exc)}") from exc
-    except (OSError, RuntimeError) as exc:
-        raise UserError(f"cannot load the weights of '{path}': {first_line(exc)}") from exc
+    return load(path, flag="models", presets=False)
 
 
 def lm_models(cfg: EvaluateConfig, names: list[str]) -> tuple[dict, dict]:
