@@ -33,6 +33,8 @@ COMMANDS: dict[str, str] = {
     "demo": "upcycle.demo",
     "analyze": "upcycle.analysis.cli",
     "fertility": "upcycle.analysis.fertility_cli",
+    "run": "upcycle.experiment.cli",
+    "report": "upcycle.report.cli",
 }
 
 DESCRIPTION = "Turn dense language models into Mixture-of-Experts models, train them, and study them."
