@@ -13,7 +13,7 @@ def count(n: float | int | None) -> str:
     """12,345 → '12.3k'; None → '?'."""
     if n is None:
         return "?"
-    for unit, div in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    for unit, div in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= div:
             return f"{n / div:.3g}{unit}"
     return f"{n:.3g}" if isinstance(n, float) else str(n)

@@ -200,7 +200,17 @@ class PlanBuilder:
 
 
 def _config_dict(config: Any) -> dict:
-    return Task("", "", "", config).config_dict()
+    """The config as hashed: convert's MoE fields given at their default values are left out, so that a
+    sweep point writing `global_routing: false` and one leaving it out are the same task."""
+    out = Task("", "", "", config).config_dict()
+    if isinstance(out.get("moe"), dict):
+        import dataclasses as dc
+
+        from upcycle.moe.config import MoEConfig
+
+        defaults = {f.name: f.default for f in dc.fields(MoEConfig) if f.default is not dc.MISSING}
+        out["moe"] = {k: v for k, v in out["moe"].items() if k not in defaults or defaults[k] != v}
+    return out
 
 
 def _unique(tasks: list[Task]) -> list[Task]:
@@ -229,9 +239,13 @@ def _labels(members: list[Candidate]) -> dict[str, str]:
             ):
                 relevant.append(path)
                 break
-    labels = {c.hash: c.ctx.point.label(relevant) for c in members}
+    labels: dict[str, str] = {}
+    for c in members:  # a task shared by several points is named after the first
+        labels.setdefault(c.hash, c.ctx.point.label(relevant))
     if len(set(labels.values())) != len(hashes):
-        labels = {c.hash: c.ctx.point.label() for c in members}
+        labels = {}
+        for c in members:
+            labels.setdefault(c.hash, c.ctx.point.label())
     return labels
 
 

@@ -278,12 +278,29 @@ def check_section(
     unknown = [k for k in data if k not in types_]
     if unknown:
         raise unknown_key_error([str(k) for k in unknown], data, types_, where=where, source=source)
+    data = {k: _named_list(v) if _is_text_list(types_[k]) else v for k, v in data.items()}
     checked = check_mapping(data, types_, where=where, source=source)
     extra_names = {f.name for f in dataclasses.fields(kind.extra)} if kind.extra else set()
     return (
         {k: v for k, v in checked.items() if k not in extra_names},
         {k: v for k, v in checked.items() if k in extra_names},
     )
+
+
+def _is_text_list(tp: Any) -> bool:
+    import types
+    import typing
+
+    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if union else [tp]
+    return any(typing.get_origin(a) is list and typing.get_args(a) == (str,) for a in args)
+
+
+def _named_list(value: Any) -> Any:
+    """NAME=VALUE lists (expert, domain_data, domain) may be written as a mapping {NAME: VALUE}."""
+    if isinstance(value, dict):
+        return [f"{k}={v}" for k, v in value.items()]
+    return value
 
 
 def _has_named(extra: type) -> bool:
