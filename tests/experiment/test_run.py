@@ -93,8 +93,10 @@ def test_the_plan_matches_the_stages_executed(sweep):
     planned = [k for k, t in tasks.items() if t["status"] in ("run", "resume")]
     assert EXECUTED.findall(out) == planned  # the same tasks, in the plan's order
     assert len(planned) == len(tasks)
+    printed = out.split("== [1/")[0]
     for key, task in tasks.items():
-        assert task["key"] in out.split("== [1/")[0]  # every task is in the printed plan
+        stage, name = key.split("/", 1)  # every task is a row of the printed plan
+        assert re.search(rf"^{stage} +{re.escape(name)} ", printed, re.M), key
         if task["kind"] in ("pretrain", "finetune"):
             record = records(sweep["run"])[key]
             assert record["tokens"] == task["estimate"]["tokens"] or task["kind"] == "finetune"

@@ -85,13 +85,17 @@ def setup(files: RunFiles, paper: str) -> tuple[list[Block], dict]:
     seq_len = next(
         (t["config"].get("seq_len") for t in files.of("pretrain") if t["role"] in ("moe", "dense")), None
     )
-    for name, task, path in _models(files):
+    models = _models(files)
+    if not models:
+        return [], {}
+    for name, task, path in models:
         info = _inspect(path, seq_len) if Path(path).exists() else None
+        seq_len = seq_len or (info or {}).get("flops_seq_len")
         what, fp = _construction(files, task)
         params = (info or {}).get("parameters", {})
         flops = (info or {}).get("flops_per_token", {}).get("forward")
         preserved = f"{fp['max_abs_logit_diff']:.3g} / {fp['mean_kl']:.3g}" if fp else "–"
-        rows.append([name, what, num(params.get("total")), num(params.get("active")), num(flops), preserved])
+        rows.append([name, what, num(params.get("total")), num(params.get("active")), _si(flops), preserved])
         numbers[name] = {
             "construction": what,
             "parameters": params,
@@ -99,7 +103,7 @@ def setup(files: RunFiles, paper: str) -> tuple[list[Block], dict]:
             "function_preservation": fp,
         }
     notes = [
-        f"FLOPs per token: forward pass at sequence length {seq_len or (info or {}).get('flops_seq_len')} "
+        f"FLOPs per token: forward pass at sequence length {seq_len} "
         "(Drop-Upcycling's Table 3 accounting). Function preservation: max |Δlogits| / mean KL between the dense "
         "source and the MoE right after conversion, on a fixed probe batch."
     ]
@@ -168,6 +172,12 @@ def pretraining(files: RunFiles, paper: str) -> tuple[list[Block], dict]:
             if path:
                 blocks.append(Figure(path, f"Expert shares over training: {run['model']} (collapses marked)"))
     return blocks, numbers
+
+
+def _si(value) -> str:
+    from upcycle.experiment.display import count
+
+    return "–" if not value else count(value)
 
 
 def _stem(name: str) -> str:
@@ -342,6 +352,10 @@ def finetuning(files: RunFiles, paper: str) -> tuple[list[Block], dict]:
                               ("loss", f"Fine-tuning loss ({setting})")):  # fmt: skip
             if files.figure(task, stem):
                 blocks.append(Figure(files.figure(task, stem), caption))
+        for model in task["models"]:
+            path = files.figure(task, f"experts-{_stem(model)}")
+            if path:
+                blocks.append(Figure(path, f"Expert shares during fine-tuning ({setting}): {model}"))
     return ([Heading("Fine-tuning"), *blocks] if blocks else []), {}
 
 
@@ -417,6 +431,8 @@ def _new_expert_table(doc: dict) -> list[Block]:
 def cost(files: RunFiles, paper: str) -> tuple[list[Block], dict]:
     rows, numbers = [], {}
     for stage in files.plan["stages"]:
+        if stage["stage"] == "report":
+            continue  # being written
         records = [files.record(t) for t in stage["tasks"]]
         seconds = sum(r.get("seconds") or 0 for r in records)
         cpu = sum(r.get("cpu_seconds") or 0 for r in records)
@@ -429,7 +445,7 @@ def cost(files: RunFiles, paper: str) -> tuple[list[Block], dict]:
             "tasks": len(records),
         }
         rows.append([stage["stage"], f"{done}/{len(records)}", f"{seconds:.1f}", f"{cpu:.1f}", num(tokens) if tokens else "–",
-                     num(stage.get("flops") or None, 3)])  # fmt: skip
+                     _si(stage.get("flops") or None)])  # fmt: skip
     notes = ["Wall and CPU seconds summed over each stage's tasks (an interrupted and resumed task counts both attempts); "
              "tokens: training tokens; FLOPs: the plan's estimate."]  # fmt: skip
     header = ["stage", "tasks complete", "wall s", "CPU s", "tokens", "estimated FLOPs"]
