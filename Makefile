@@ -39,6 +39,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/moe_layer.py
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/finetune_eval.py
 	$(PY) benchmarks/convert.py
 
 clean:

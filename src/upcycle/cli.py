@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "demo": "upcycle.demo",
     "analyze": "upcycle.analysis.cli",
     "fertility": "upcycle.analysis.fertility_cli",
+    "evaluate": "upcycle.evaluation.cli",
     "run": "upcycle.experiment.cli",
     "report": "upcycle.report.cli",
 }

@@ -203,7 +203,8 @@ def load_classifier(
         config.num_labels = len(label_names)
         config.id2label = dict(enumerate(label_names))
         config.label2id = {n: i for i, n in enumerate(label_names)}
-    if getattr(config, "pad_token_id", None) is None:  # a vision config (ViT) has neither field
+    # getattr: some configs (ViT, CodeGen in transformers 5) have no pad/eos attribute at all.
+    if getattr(config, "pad_token_id", None) is None:
         eos = getattr(config, "eos_token_id", None)
         eos = eos[0] if isinstance(eos, list) else eos
         config.pad_token_id = pad_token_id if pad_token_id is not None else eos

@@ -47,6 +47,7 @@ def sequence_logits(model, input_ids_BS: torch.Tensor, attention_mask_BS: torch.
     """
     head = classification_head(model)
     if head is None:
+        _check_own_pooling(model, input_ids_BS, attention_mask_BS)
         out = model(input_ids=input_ids_BS, attention_mask=attention_mask_BS, **kwargs)
         return out.logits, out
     captured: list[torch.Tensor] = []
@@ -64,6 +65,23 @@ def sequence_logits(model, input_ids_BS: torch.Tensor, attention_mask_BS: torch.
     last_B = last_token_index(attention_mask_BS).to(per_position_BSC.device)
     rows_B = torch.arange(per_position_BSC.shape[0], device=per_position_BSC.device)
     return per_position_BSC[rows_B, last_B], out
+
+
+def _check_own_pooling(model, input_ids_BS: torch.Tensor, attention_mask_BS: torch.Tensor) -> None:
+    """A model without a per-position head pools by itself; HF's decoder heads find the last token that
+    is not the pad id, which is wrong when a row ends with that id: refuse rather than misclassify."""
+    from upcycle.config import UserError
+
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    if pad is None or getattr(model.config, "is_encoder_decoder", False):
+        return
+    last_B = last_token_index(attention_mask_BS).clamp(min=0)
+    ends_B = input_ids_BS.gather(1, last_B.unsqueeze(1)).squeeze(1)
+    if bool((ends_B == pad).any()):
+        raise UserError(
+            f"{type(model).__name__} has no per-position 'score' head and an example ends with the pad "
+            f"token (id {pad}), so its own pooling would classify the wrong token"
+        )
 
 
 __all__ = ["classification_head", "position_ids_from_mask", "sequence_logits"]
