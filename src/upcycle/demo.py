@@ -28,7 +28,9 @@ def options(args):
 
     if not DEMO_YAML.is_file():
         raise ConfigError(
-            "demo", str(DEMO_YAML), "the demo experiment is not here; run `upcycle run DEMO.yaml` from a clone"
+            "demo",
+            str(DEMO_YAML),
+            "the demo experiment is not here; run `upcycle run DEMO.yaml` from a clone",
         )
     ns = vars(args) if not isinstance(args, dict) else args
     return RunOptions(experiment=str(DEMO_YAML), out=ns.get("out"), dry_run=bool(ns.get("dry_run")))

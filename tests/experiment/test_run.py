@@ -111,9 +111,16 @@ def test_the_report_holds_every_table_and_figure(sweep):
     for model in ("dense", "moe@ratio=0.15", "moe@ratio=0.5"):
         assert f"| {model} |" in md
     # Accuracy tables per setting with all 15 languages, intervals, significance legend, published tables.
-    assert md.count("| model | en | ar | bg | de | el | es | fr | hi | ru | sw | th | tr | ur | vi | zh | average |") == 2
+    assert (
+        md.count(
+            "| model | en | ar | bg | de | el | es | fr | hi | ru | sw | th | tr | ur | vi | zh | average |"
+        )
+        == 2
+    )
     assert "95 % confidence intervals" in md and "exact McNemar" in md
-    assert "Table 2 (fine-tuned on French)" in md and "Table 3 (fine-tuned on English, French and Spanish)" in md
+    assert (
+        "Table 2 (fine-tuned on French)" in md and "Table 3 (fine-tuned on English, French and Spanish)" in md
+    )
     assert "| MoE (report) | 56.01 |" in md and "| GPT2 (report) | 76.51 |" in md and "difference" in md
     assert "| founding report, Table 1 | 1.11 |" in md
     # Every figure the analyses drew is in the report, and each exists.
@@ -152,7 +159,10 @@ def test_the_html_report_renders_in_a_real_browser(sweep, tmp_path):
         "--virtual-time-budget=10000", "--dump-dom", page.as_uri(),
     ]  # fmt: skip
     dom = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
-    found = re.search(r'id="render-check" data-images="(\d+)" data-decoded="(\d+)" data-tables="(\d+)" data-rows="(\d+)"', dom)
+    found = re.search(
+        r'id="render-check" data-images="(\d+)" data-decoded="(\d+)" data-tables="(\d+)" data-rows="(\d+)"',
+        dom,
+    )
     assert found, dom[-2000:]
     images, decoded, tables, rows = map(int, found.groups())
     md = (sweep["run"] / "report.md").read_text()
@@ -179,7 +189,9 @@ def test_a_changed_fine_tuning_key_reruns_only_fine_tuning_and_what_follows(swee
     assert code == 0, err[-3000:]
     ran = EXECUTED.findall(out)
     assert {k.split("/")[0] for k in ran} == {"finetune", "evaluate", "analyze", "report"}
-    assert all(k in ran for k in plan_tasks(run) if k.startswith(("finetune/", "evaluate/", "analyze/routing")))
+    assert all(
+        k in ran for k in plan_tasks(run) if k.startswith(("finetune/", "evaluate/", "analyze/routing"))
+    )
     assert "analyze/fertility" not in ran and "analyze/training/pretrain" not in ran
     assert "lr: 0.0003" in (run / "finetune" / "fr" / "dense" / "config.yaml").read_text()
 

@@ -33,12 +33,22 @@ def test_the_founding_report_plan_is_the_reports_setting(tmp_path):
     plan = prepare(RunOptions(experiment=str(EXPERIMENTS / "founding-report.yaml"), out=str(tmp_path / "r")))
     convert = plan.tasks["convert/moe"].config
     assert (convert.method, convert.ratio, convert.experts, convert.top_k, convert.layers) == (
-        "drop", 0.15, 8, 1, "every_other"
+        "drop",
+        0.15,
+        8,
+        1,
+        "every_other",
     )
     assert (convert.aux_loss_weight, convert.jitter, convert.renormalize) == (0.01, 0.01, False)
     for name in ("moe", "dense"):
         cfg = plan.tasks[f"pretrain/{name}"].config
-        assert (cfg.data, cfg.steps, cfg.batch_size, cfg.grad_accum, cfg.seed) == ("allenai/c4", 14649, 64, 4, 42)
+        assert (cfg.data, cfg.steps, cfg.batch_size, cfg.grad_accum, cfg.seed) == (
+            "allenai/c4",
+            14649,
+            64,
+            4,
+            42,
+        )
     assert {t.config.train_languages for t in plan.stage_tasks("finetune")} == {"fr", "en,fr,es"}
     xnli = [t for t in plan.stage_tasks("evaluate") if t.config.task == "xnli"]
     assert {t.setting for t in xnli} == {"fr", "en-fr-es"} and all(t.config.languages == "all" for t in xnli)
@@ -88,7 +98,10 @@ def test_an_unknown_key_names_its_yaml_path_and_the_keys_allowed(capsys, tmp_pat
         (lambda d: d.update(sweep={"lr": [1, 2]}), ("sweep.lr", "pretrain.lr or finetune.lr")),
         (lambda d: d.update(sweep={"ratio": "0.5"}), ("sweep.ratio", "non-empty list")),
         (lambda d: d.update(sweep={"ratio": [0.5, "x"]}), ("convert.ratio", "sweep point ratio=x")),
-        (lambda d: d["analyze"]["routing"]["label"].update(of="extended"), ("analyze.routing.label.of", "no extend")),
+        (
+            lambda d: d["analyze"]["routing"]["label"].update(of="extended"),
+            ("analyze.routing.label.of", "no extend"),
+        ),
         (lambda d: d.update(evaluat={}), ("evaluat", "did you mean evaluate")),
         (lambda d: d["convert"].update(variants={"dense": {}}), ("convert.variants.dense", "dense baseline")),
     ],
@@ -156,9 +169,13 @@ def test_a_changed_key_changes_the_hash_of_its_stage_and_everything_downstream_o
     assert all(k in changed for k in before if k.startswith(("finetune/", "analyze/routing")))
     # The output folder and the display switches are not part of what a task computes.
     doc["finetune"]["lr"] = 5e-4
-    a = _hashes(prepare(RunOptions(experiment=str(write_yaml(tmp_path / "a.yaml", doc)), out=str(tmp_path / "A"))))
+    a = _hashes(
+        prepare(RunOptions(experiment=str(write_yaml(tmp_path / "a.yaml", doc)), out=str(tmp_path / "A")))
+    )
     doc["finetune"]["progress"] = "lines"
-    b = _hashes(prepare(RunOptions(experiment=str(write_yaml(tmp_path / "b.yaml", doc)), out=str(tmp_path / "B"))))
+    b = _hashes(
+        prepare(RunOptions(experiment=str(write_yaml(tmp_path / "b.yaml", doc)), out=str(tmp_path / "B")))
+    )
     assert a == b
 
 

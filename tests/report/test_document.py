@@ -30,7 +30,12 @@ def png(tmp_path):
 
 
 def test_markdown_links_figures_and_escapes_table_cells(tmp_path, png):
-    blocks = [Heading("T", 1), Para("a `code` span"), Table(["m", "a|b"], [["x", "1"]], ["note"]), Figure(png, "cap")]
+    blocks = [
+        Heading("T", 1),
+        Para("a `code` span"),
+        Table(["m", "a|b"], [["x", "1"]], ["note"]),
+        Figure(png, "cap"),
+    ]
     md = to_markdown(blocks, tmp_path)
     assert md.startswith("# T\n") and "| m | a\\|b |" in md and "| :--- | ---: |" in md
     assert "![cap](figs/curve.png)" in md and "note" in md

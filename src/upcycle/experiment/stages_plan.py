@@ -276,7 +276,8 @@ def model_sets(b: PlanBuilder, contexts: list[PointContext], of: str, where: str
     elif of == "extended":
         if "extend" not in sections:
             b._fail(f"{where}.of", of, "there is no extend section")
-        sets = [(None, _across(contexts, lambda c: c.extended))]
+        extended = _across(contexts, lambda c: c.extended)  # named after what was added: nexus+math
+        sets = [(None, {f"{n}+{'+'.join(_new_experts(t))}": t for n, t in extended.items()})]
     else:
         sets = [(None, _across(contexts, lambda c: c.pretrained))]
     if moe_only:
@@ -337,8 +338,6 @@ def _routing_tasks(b: PlanBuilder, contexts, name: str, values: dict, extra: dic
             b._fail(f"{where}.of", of, "there are no MoE models of this kind to analyse")
         key = f"routing-{name}" + (f"/{setting}" if setting else "")
         names = list(models)
-        if of == "extended":
-            names = [f"{n}+{'+'.join(_new_experts(_task(m)))}" for n, m in models.items()]
         merged = {
             **values,
             "models": [_path(m) for m in models.values()],
