@@ -195,6 +195,25 @@ def test_a_changed_fine_tuning_key_reruns_only_fine_tuning_and_what_follows(swee
     assert "analyze/fertility" not in ran and "analyze/training/pretrain" not in ran
     assert "lr: 0.0003" in (run / "finetune" / "fr" / "dense" / "config.yaml").read_text()
 
+    # --only runs one stage again; --from a stage and everything after it (the dry run says which).
+    changed = tmp_path / "changed.yaml"
+    code, out, err = run_upcycle(["run", changed, "--out", run, "--only", "report"])
+    assert code == 0 and EXECUTED.findall(out) == ["report/report"], err
+    code, out, _ = run_upcycle(["run", changed, "--out", run, "--from", "evaluate", "--dry-run"])
+    rows = re.findall(r"^(\w+) +\S+ .*?  (run|done, skip)$", out, re.M)
+    assert code == 0 and {stage for stage, status in rows if status == "run"} == {
+        "evaluate",
+        "analyze",
+        "report",
+    }
+    assert {stage for stage, status in rows if status != "run"} == {
+        "data",
+        "seed",
+        "convert",
+        "pretrain",
+        "finetune",
+    }
+
 
 def _safetensors(folder: Path) -> dict:
     from safetensors.torch import load_file
