@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from upcycle.config import ConfigError
-from upcycle.experiment.sections import STAGES, build_config, located
+from upcycle.experiment.sections import STAGES, build_config
 from upcycle.experiment.spec import Experiment, Point, check_sections
 from upcycle.experiment.tasks import Task, task_hash
 
@@ -271,4 +271,4 @@ def build_plan(experiment: Experiment, run_dir: Path) -> Plan:
     return builder.plan
 
 
-__all__ = ["DENSE", "Candidate", "ModelRef", "Plan", "PlanBuilder", "PointContext", "build_plan", "located"]
+__all__ = ["DENSE", "Candidate", "ModelRef", "Plan", "PlanBuilder", "PointContext", "build_plan"]

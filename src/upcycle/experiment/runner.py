@@ -16,7 +16,7 @@ from upcycle.config import ConfigError, UserError
 from upcycle.experiment.plan import Plan, build_plan
 from upcycle.experiment.sections import STAGES
 from upcycle.experiment.spec import load_experiment
-from upcycle.experiment.state import read_record, start_record, status, write_record
+from upcycle.experiment.state import start_record, status, write_record
 from upcycle.experiment.tasks import Task
 
 
@@ -69,8 +69,8 @@ def statuses(plan: Plan, opts: RunOptions) -> dict[str, str]:
         for key, task in plan.tasks.items():
             index = STAGES.index(task.stage)
             chosen = index == first if opts.only else index >= first
-            if chosen:
-                found[key] = "run"
+            if chosen:  # again, even if complete; an interrupted training still continues
+                found[key] = "resume" if found[key] == "resume" else "run"
             elif found[key] != "complete" and index < first:
                 stage = opts.only or opts.from_stage
                 raise ConfigError(
@@ -78,7 +78,7 @@ def statuses(plan: Plan, opts: RunOptions) -> dict[str, str]:
                     stage,
                     f"{key} (before {stage}) is not complete; run without --only/--from first",
                 )
-            elif not chosen:
+            else:
                 found[key] = "complete" if found[key] == "complete" else "skip"
     return found
 
@@ -226,4 +226,4 @@ def run_experiment(opts: RunOptions, plan: Plan | None = None) -> int:
     return code
 
 
-__all__ = ["RunOptions", "prepare", "read_record", "run_experiment", "statuses"]
+__all__ = ["RunOptions", "plan_document", "prepare", "run_experiment", "statuses"]

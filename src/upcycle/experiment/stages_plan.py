@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from upcycle.config import ConfigError
 from upcycle.experiment.plan import DENSE, Candidate, ModelRef, PlanBuilder, PointContext
 from upcycle.experiment.sections import check_section, section_kinds
 from upcycle.experiment.tasks import Task
@@ -387,15 +386,6 @@ def report_task(b: PlanBuilder, contexts: list[PointContext]) -> None:
     config, _ = b.config(ReportConfig, {**values, "run": str(b.run_dir)}, "report", None)
     deps = [t for t in b.plan.tasks.values()]
     b.add("report", "report", "report", config, deps, out=b.run_dir / "report", where="report")
-
-
-def check_plan_names(b: PlanBuilder) -> None:
-    """Two tasks never share a folder."""
-    seen: dict[str, str] = {}
-    for task in b.plan.tasks.values():
-        if str(task.out) in seen:
-            raise ConfigError("plan", task.key, f"writes to the same folder as {seen[str(task.out)]}")
-        seen[str(task.out)] = task.key
 
 
 __all__ = [
