@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[dev]"
 	touch $(STAMP)
 
+# The founding report in miniature (configs/experiments/demo.yaml); a second run skips what is done.
 demo: $(STAMP)
-	$(PY) -m upcycle demo --out demo-out --overwrite
+	$(PY) -m upcycle run configs/experiments/demo.yaml
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

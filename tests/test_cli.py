@@ -186,7 +186,16 @@ def test_unexpected_errors_keep_their_traceback(capsys, monkeypatch):
 
 def test_a_plain_type_int_flag_of_a_command_is_explained(capsys, monkeypatch):
     """A command that declares ``type=int`` itself (jsonargparse's own check) gets the same message."""
+    import sys
+    import types
+
+    module = types.ModuleType("plain_int_command")
+    module.HELP = "a command with a plain type=int flag"
+    module.add_arguments = lambda parser: parser.add_argument("--steps", type=int, default=1)
+    module.run = lambda args: 0
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(COMMANDS, "plain", module.__name__)
     line = assert_one_line_error(
-        run_cli(capsys, ["demo", "--steps", "ten"])[2], "--steps", "'ten'", "integer"
+        run_cli(capsys, ["plain", "--steps", "ten"])[2], "--steps", "'ten'", "integer"
     )
     assert "Parser key" not in line

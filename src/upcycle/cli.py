@@ -34,6 +34,8 @@ COMMANDS: dict[str, str] = {
     "analyze": "upcycle.analysis.cli",
     "fertility": "upcycle.analysis.fertility_cli",
     "evaluate": "upcycle.evaluation.cli",
+    "run": "upcycle.experiment.cli",
+    "report": "upcycle.report.cli",
 }
 
 DESCRIPTION = "Turn dense language models into Mixture-of-Experts models, train them, and study them."

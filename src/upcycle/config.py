@@ -187,6 +187,7 @@ def check_value(name: str, tp: Any, value: Any, *, source: str | None = None) ->
 #: A suggestion is only made when the target is an option of the command at hand.
 ALIASES = {
     "learning_rate": ["lr"],
+    "lr_rate": ["lr"],
     "max_lr": ["lr"],
     "max_steps": ["steps"],
     "train_steps": ["steps"],

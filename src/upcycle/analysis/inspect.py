@@ -39,6 +39,8 @@ def native_moe(config) -> tuple[list[int], dict] | None:
     ``i`` is not in ``mlp_only_layers``, with one sigmoid-gated shared expert of
     ``shared_expert_intermediate_size`` units.
     """
+    if config.model_type not in ("mixtral", "qwen2_moe"):
+        return None  # a dense model (or one of ours): no native MoE fields to read
     n = config.num_hidden_layers
     common = dict(
         hidden_size=config.hidden_size,

@@ -6,7 +6,12 @@ a freshly initialised model of the matching registered class (``GPT2LMHeadModel`
 
 - ``debug`` / ``debug-moe`` / ``debug-llama``: tiny models for tests and smoke runs (torchtitan's
   ``llama3_debugmodel``, OLMo-core's ``smallmoe``), GPT-2's vocabulary so the offline GPT-2 tokenizer fits.
+- ``gpt2-mini``: a small GPT-2 (4 layers, 64 hidden, 256 positions): the seed of ``make demo``
+  (configs/experiments/demo.yaml), small enough to learn a generated corpus in a minute on 2 CPU cores.
 - ``gpt2-small``: GPT-2 small's shape (12 layers, 768 hidden, 12 heads, 1024 positions).
+- ``llama-152m``: Drop-Upcycling's dense 152M shape (Nakamura et al. 2025, Table 4: 12 layers, 512
+  hidden, 2048 FFN, 8 heads, 8 KV heads, untied embeddings) with GPT-2's vocabulary (50,257 instead of
+  their 99,574, the tokenizer available offline), so ≈ 101M parameters.
 - ``gpt2-small-moe``: the founding report's layout from scratch: 8 experts, top-1, every other layer,
   Switch-style scoring (no renormalisation), load-balancing weight 0.01, router jitter 0.01.
 """
@@ -54,6 +59,19 @@ _SWITCH_TOP1 = dict(
 )
 _DEBUG_GPT2 = dict(n_layer=2, n_embd=64, n_head=2, n_positions=256, vocab_size=_GPT2_VOCAB)
 _GPT2_SMALL = dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=_GPT2_VOCAB)
+_GPT2_MINI = dict(n_layer=4, n_embd=64, n_head=4, n_positions=256, vocab_size=_GPT2_VOCAB)
+_LLAMA_152M = dict(
+    num_hidden_layers=12,
+    hidden_size=512,
+    intermediate_size=2048,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    max_position_embeddings=4096,
+    vocab_size=_GPT2_VOCAB,
+    bos_token_id=_GPT2_VOCAB - 1,
+    eos_token_id=_GPT2_VOCAB - 1,
+    tie_word_embeddings=False,
+)
 
 PRESETS: dict[str, ModelPreset] = {
     p.name: p
@@ -82,6 +100,7 @@ PRESETS: dict[str, ModelPreset] = {
                 eos_token_id=_GPT2_VOCAB - 1,
             ),
         ),
+        ModelPreset("gpt2-mini", "small GPT-2 (4 layers, 64 hidden): the demo's seed", "gpt2", _GPT2_MINI),
         ModelPreset("gpt2-small", "GPT-2 small shape (124M), random init", "gpt2", _GPT2_SMALL),
         ModelPreset(
             "gpt2-small-moe",
@@ -89,6 +108,12 @@ PRESETS: dict[str, ModelPreset] = {
             "gpt2",
             _GPT2_SMALL,
             moe=dict(_SWITCH_TOP1),
+        ),
+        ModelPreset(
+            "llama-152m",
+            "Drop-Upcycling's dense 152M shape (12 layers, 512 hidden) with GPT-2's vocabulary",
+            "llama",
+            _LLAMA_152M,
         ),
     )
 }

@@ -39,12 +39,19 @@ def config_from_args(args) -> FinetuneConfig:
 def check(args) -> FinetuneConfig:
     """The resolved options and the model, tokenizer and data they name, checked before torch is imported
     (the same checks as pretrain's; issue 11)."""
+    cfg = config_from_args(args)
+    preflight(cfg)
+    return cfg
+
+
+def preflight(cfg: FinetuneConfig) -> None:
+    """What can be checked before the run folder is touched: the model, tokenizer, languages and data
+    (also what ``upcycle run`` checks before each fine-tuning it starts)."""
     from upcycle.data.xnli import is_local
     from upcycle.io import expand_path
     from upcycle.models.loading import check_hub_name
     from upcycle.training.cli import preflight_model_and_out
 
-    cfg = config_from_args(args)
     cfg.check_runnable()
     preflight_model_and_out(cfg)
     resolve_languages(cfg)  # an unknown language or a missing language folder, before the hub is asked
@@ -53,7 +60,6 @@ def check(args) -> FinetuneConfig:
             raise ConfigError("data", cfg.data, "no such folder")
     else:
         check_hub_name(cfg.data, flag="data", filenames=("README.md",), repo_type="dataset", local="folder")
-    return cfg
 
 
 def run(args) -> int:

@@ -99,21 +99,42 @@ def _yaml_types() -> dict[str, Any]:
 
 def read_yaml(path: str) -> tuple[dict, dict]:
     """(UpcycleConfig fields, MoEConfig fields) of a convert YAML file, every key and type checked."""
-    raw = normalise_keys(load_yaml(path))
+    return read_mapping(load_yaml(path), source=path)
+
+
+def read_mapping(raw: dict, *, source: str | None = None, where: str = "") -> tuple[dict, dict]:
+    """(UpcycleConfig fields, MoEConfig fields) of a mapping of convert options (a YAML file's, or the
+    ``convert:`` section of an experiment at YAML path ``where``), every key and type checked."""
+    raw = normalise_keys(raw)
+    prefix = f"{where}." if where else ""
     for name in REPEATED:  # `expert: {law: dir}` is as good as `expert: [law=dir]`
         if isinstance(raw.get(name), dict):
             raw[name] = [f"{k}={v}" for k, v in raw[name].items()]
-    data = check_mapping(raw, _yaml_types(), source=path)
+    data = check_mapping(raw, _yaml_types(), where=where, source=source)
     moe_types = {k: v for k, v in field_types(MoEConfig).items() if k not in DERIVED_MOE_FIELDS}
-    nested = check_mapping(data.pop("moe", None) or {}, moe_types, where="moe", source=path)
+    nested = check_mapping(data.pop("moe", None) or {}, moe_types, where=f"{prefix}moe", source=source)
     renamed = sorted(set(nested) & set(RENAMED))
     if renamed:
         flag = RENAMED[renamed[0]]
         raise ConfigError(
-            f"moe.{renamed[0]}", nested[renamed[0]], f"write it as top-level '{flag}'", source=path
+            f"{prefix}moe.{renamed[0]}", nested[renamed[0]], f"write it as top-level '{flag}'", source=source
         )
     top_moe = {k: data.pop(k) for k in list(data) if k in _MOE_FLAG_FIELDS}
     return data, {**nested, **top_moe}
+
+
+def options_from_mapping(raw: dict, *, source: str | None = None, where: str = "") -> UpcycleConfig:
+    """A validated UpcycleConfig from a mapping of convert options (defaults < its preset < its keys):
+    what ``upcycle run`` builds from an experiment's ``convert:`` section."""
+    from upcycle.config import from_dict
+    from upcycle.upcycling.options import preset
+
+    layer, moe = read_mapping(raw, source=source, where=where)
+    preset_name = layer.pop("preset", None)
+    base = preset(preset_name) if preset_name else {}
+    merged = merge_layers(base, layer)
+    merged["moe"] = merge_layers(base.get("moe", {}), moe)
+    return from_dict(UpcycleConfig, merged)
 
 
 def check_method_options(method: str, flags: dict[str, Any]) -> None:
