@@ -365,6 +365,31 @@ def test_checkpoint_round_trip_keeps_per_expert_keys_and_is_tied_before_any_forw
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_save_pretrained_writes_the_experts_without_copying_them_and_ties_them_again(tmp_path, monkeypatch):
+    import transformers.modeling_utils as mu
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_moe_model().eval()
+    experts = model.transformer.h[1].mlp.experts
+    written = {}
+
+    def recording_save(tensors, filename, metadata=None):
+        # Each saved expert tensor must be the parameter's own storage at that moment, not a copy.
+        own = {p.data_ptr() for p in experts.parameters()}
+        written.update({k: t.data_ptr() in own for k, t in tensors.items() if ".experts." in k})
+        return save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(mu, "safe_save_file", recording_save)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path)
+    assert len(written) == 4 * 4 and all(written.values())  # 4 experts × (2 weights + 2 biases)
+    assert is_tied(experts)  # stacked again after the save
+    assert experts.grouped_parameters() is not None
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
+    for k, v in want.items():
+        torch.testing.assert_close(loaded[k], v, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------ in-place modification
 @pytest.mark.parametrize("path", ["loop", "bank", "grouped"])
 def test_in_place_weight_change_between_forward_and_backward_raises(path, taken):

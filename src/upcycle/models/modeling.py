@@ -49,6 +49,7 @@ from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions, Seq
 
 from upcycle.config import ConfigError
 from upcycle.moe import MoE, MoEConfig, MoEContext
+from upcycle.moe.experts import experts_in_own_storage
 from upcycle.moe.router import Router
 
 
@@ -121,6 +122,12 @@ class MoEModelMixin:
         loaded = super().from_pretrained(*args, **kwargs)
         (loaded[0] if isinstance(loaded, tuple) else loaded).apply_trainable_parameters()
         return loaded
+
+    def save_pretrained(self, *args, **kwargs):
+        # Expert weights are views into stacked storage (ExpertList); saved as they are, each would be
+        # copied first (all experts at once), so they move to storage of their own for the save.
+        with experts_in_own_storage(self):
+            return super().save_pretrained(*args, **kwargs)
 
     def apply_trainable_parameters(self) -> None:
         """Freeze every parameter whose name matches none of ``config.trainable_parameters`` (fnmatch
