@@ -38,6 +38,8 @@ def base(xnli, dense_dir, tmp_path):
         (["--data", "facebook/xnli", "--train-languages", "fr,xx"],
          f"--train-languages='xx' is invalid: unknown language; XNLI's are {LANGS} (or 'all')"),
         (["--train-languages", "fr,ru"], "--train-languages='ru' is invalid: {xnli} has no folder for it; it has en, de, es, fr"),
+        (["--train-languages", "fr,xx"],
+         f"--train-languages='xx' is invalid: unknown language; XNLI's are {LANGS}; {{xnli}} has no folder for it; it has en, de, es, fr"),
         (["--text-fields", "sentence1,sentence2"],
          "--text-fields='sentence1' is invalid: not a column of {xnli} (fr); columns are premise, hypothesis, label"),
         (["--label-field", "gold"], "--label-field='gold' is invalid: not a column of {xnli} (fr); columns are premise, hypothesis, label"),
@@ -45,7 +47,7 @@ def base(xnli, dense_dir, tmp_path):
         (["--freeze", "router"], "--freeze='router' is invalid: the model has no MoE layers; only 'none' applies to a dense model"),
         (["--label-names", "yes,no"], "--label-names='yes,no' is invalid: {xnli} (fr) has label id 2, beyond these"),
     ],
-    ids=["unknown-language", "missing-language", "text-fields", "label-field", "max-length", "freeze-dense", "label-names"],
+    ids=["unknown-language", "missing-language", "unknown-language-local", "text-fields", "label-field", "max-length", "freeze-dense", "label-names"],
 )  # fmt: skip
 def test_bad_data_options(base, xnli, tmp_path, capsys, extra, expected):
     rc, err = run_cli([*base, "--train-languages", "fr", *extra], capsys)
