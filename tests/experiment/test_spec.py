@@ -57,15 +57,24 @@ def test_the_founding_report_plan_is_the_reports_setting(tmp_path):
     assert groups == {"language", "label"}
 
 
-def test_drop_upcycling_plan_compares_scratch_naive_and_drop(tmp_path):
+def test_drop_upcycling_plan_compares_scratch_naive_noise_and_drop(tmp_path):
     plan = prepare(RunOptions(experiment=str(EXPERIMENTS / "drop-upcycling.yaml"), out=str(tmp_path / "r")))
     methods = {t.model: (t.config.method, t.config.ratio) for t in plan.stage_tasks("convert")}
-    assert methods == {"scratch": ("scratch", 0.5), "naive": ("naive", 0.5), "drop": ("drop", 0.5)}
+    assert methods == {
+        "scratch": ("scratch", 0.5), "naive": ("naive", 0.5), "drop": ("drop", 0.5), "noise": ("noise", 0.5)
+    }  # fmt: skip
+    noise = plan.tasks["convert/noise"].config  # the paper's noise baseline: N(0, 0.02) on half the units
+    assert (noise.noise_mode, noise.noise_std, noise.noise_fraction) == ("units", 0.02, 0.5)
     for task in plan.stage_tasks("convert"):
         assert (task.config.top_k, task.config.experts, task.config.aux_loss_weight) == (2, 8, 0.02)
         assert task.deps == [plan.tasks["seed/seed"]]
     routing = [t for t in plan.stage_tasks("analyze") if t.kind == "routing"]
-    assert routing[0].config.group_by == "domain" and list(routing[0].models) == ["scratch", "naive", "drop"]
+    assert routing[0].config.group_by == "domain" and list(routing[0].models) == [
+        "scratch",
+        "naive",
+        "drop",
+        "noise",
+    ]
 
 
 # ------------------------------------------------------------------------------------- errors

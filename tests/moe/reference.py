@@ -126,7 +126,9 @@ def _routing_units(unit: str, logits_BSE: torch.Tensor, mask_BS: torch.Tensor):
 def _weights(cfg, unit_logits: torch.Tensor, order: list[int]) -> list[torch.Tensor]:
     """Combine weights of the chosen experts ``order`` (best first)."""
     p = torch.softmax(unit_logits, -1)
-    if cfg.routing_unit != "token" and len(order) > 1:
+    if cfg.routing_unit != "token":
+        if len(order) == 1:
+            return [p[order[0]]]  # Fan et al. (2024), App. A, eq. 1 (Switch): y = p_i E_i(x)
         # Fan et al. (2024), App. A, eq. 2: w_i = exp(p_i) / sum_{j in top-k} exp(p_j).
         denominator = sum(torch.exp(p[j]) for j in order)
         return [torch.exp(p[i]) / denominator for i in order]

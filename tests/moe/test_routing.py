@@ -303,7 +303,12 @@ def test_two_dimensional_input_and_inference_mode():
 def test_combine_weights_sum_as_configured(k, unit):
     moe = make(top_k=k, routing_unit=unit)
     moe(torch.randn(2, 5, D))
-    torch.testing.assert_close(moe.last_routing.weights_TK.sum(-1), torch.ones(10))
+    total = moe.last_routing.weights_TK.sum(-1)
+    assert moe.config.weights_sum_to_one == (unit == "token" or k > 1)
+    if moe.config.weights_sum_to_one:
+        torch.testing.assert_close(total, torch.ones(10))
+    else:  # sequence top-1: Fan et al.'s eq. 1, the raw probability of the chosen expert
+        assert float(total.max()) < 1
 
 
 # ----------------------------------------------------------------------------- sequence units (Fan et al.)
@@ -330,13 +335,16 @@ def test_sequence_routing_is_fan_et_al_eq2_on_long_sequences():
     low, high = 1 / (1 + math.e), math.e / (1 + math.e)
     assert float(w.min()) >= low - 1e-6 and float(w.max()) <= high + 1e-6
     assert float(w[:, 1].min()) > 0.25
-    # Top-1 follows eq. 1 (Switch): the configured score of the summed logits.
-    one = make(top_k=1, routing_unit="sequence", renormalize=False)
-    one(torch.randn(2, 9, D))
-    torch.testing.assert_close(
-        one.last_routing.weights_TK.view(2, 9)[:, 0],
-        torch.softmax(one.last_routing.logits_UE, -1).max(-1).values,
-    )
+    # Top-1 follows eq. 1 (Switch), y = p_i E_i(x), with the default renormalize=True too (which would
+    # make the weight 1 and cut the router off from the LM loss), for both sequence units.
+    for unit in ("sequence", "sequence_prefix"):
+        for renormalize in (True, False):
+            one = make(top_k=1, routing_unit=unit, renormalize=renormalize, router_init="normal:0.02")
+            one(torch.randn(2, 9, D))
+            w = one.last_routing.weights_TK.view(2, 9)
+            p = torch.softmax(one.last_routing.logits_UE, -1).max(-1).values  # per unit
+            torch.testing.assert_close(w[:, :1] if unit == "sequence" else w, p.view(2, -1))
+            assert float(w.max()) < 0.99
 
 
 def test_sequence_losses_stay_bounded_and_keep_a_gradient_on_long_sequences():

@@ -294,6 +294,7 @@ def test_inspect_reads_a_native_export_like_its_source(sources, tmp_path, capsys
     assert theirs["model_type"] == fmt and "moe" in theirs
     for key in ("layers", "num_experts", "top_k", "intermediate_size", "num_shared_experts", "renormalize"):
         assert theirs["moe"][key] == ours["moe"][key], key
+    assert theirs["moe"]["aux_loss_weight"] == pytest.approx(ours["moe"]["aux_loss_weight"])
     assert theirs["parameters"] == ours["parameters"]  # total and active: the same model
     assert theirs["parameters"]["active"] < theirs["parameters"]["total"]
     assert theirs["flops_per_token"] == pytest.approx(ours["flops_per_token"])

@@ -158,3 +158,27 @@ def test_frozen_router_is_listed_as_dropped(exported):
     )
     assert list(model.moe_layers()[0].router.parameters()) == []
     assert any("router_mode=frozen" in note for note in dropped_training_settings(model))
+
+
+def test_exported_load_balancing_coefficient_has_our_strength(exported):
+    """HF's load-balancing loss is k times ours (its token fractions sum to k), so the exported
+    router_aux_loss_coef is our weight / k: per layer, coef · HF's loss = weight · our loss."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    _, _, paths = exported
+    name = "llama_mixtral"  # top-2, MoE in every layer
+    ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(1))
+    ours = AutoModelForCausalLM.from_pretrained(paths[name] + "-moe").eval()
+    theirs = AutoModelForCausalLM.from_pretrained(paths[name]).eval()
+    with torch.no_grad():
+        mine = ours(input_ids=ids).load_balancing_loss
+        logits = theirs(input_ids=ids, output_router_logits=True).router_logits
+    cfg = theirs.config
+    per_layer = torch.stack(
+        [load_balancing_loss_func((g,), cfg.num_local_experts, cfg.num_experts_per_tok) for g in logits]
+    )
+    weight = ours.config.moe["aux_loss_weight"]
+    assert cfg.num_experts_per_tok == 2 and cfg.router_aux_loss_coef == pytest.approx(weight / 2)
+    torch.testing.assert_close(
+        cfg.router_aux_loss_coef * per_layer.mean(), weight * mine, rtol=1e-5, atol=1e-7
+    )

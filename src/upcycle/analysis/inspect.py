@@ -48,7 +48,9 @@ def native_moe(config) -> tuple[list[int], dict] | None:
         activation=getattr(config, "hidden_act", "silu"),
         expert_bias=False,
         top_k=config.num_experts_per_tok,
-        aux_loss_weight=float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0),
+        # Our weight of the same strength as HF's coefficient (its loss is k times ours).
+        aux_loss_weight=float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+        * config.num_experts_per_tok,
     )
     if config.model_type == "mixtral":
         fields = dict(
@@ -165,8 +167,12 @@ def render(info: dict) -> str:
         score = moe["score_order"]
         if score == "softmax_topk":
             score += " (renormalised)" if moe["renormalize"] else " (raw probabilities, Switch-style)"
-        if moe["routing_unit"] != "token" and moe["top_k"] > 1 and moe["router_mode"] != "fixed":
-            score = "Fan et al. eq. 2 (summed logits, softmax, top-k, softmax of the chosen probabilities)"
+        if moe["routing_unit"] != "token" and moe["router_mode"] != "fixed":
+            score = (
+                "Fan et al. eq. 2 (summed logits, softmax, top-k, softmax of the chosen probabilities)"
+                if moe["top_k"] > 1
+                else "Fan et al. eq. 1 (summed logits, softmax, the top expert's probability)"
+            )
         lines += [
             f"MoE layers: {n} of {info['num_layers']}: {', '.join(map(str, moe['layers']))}",
             f"experts: {moe['num_experts']} × {moe['expert_type']} (d_ff {moe['intermediate_size']}, "

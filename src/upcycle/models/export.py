@@ -144,7 +144,9 @@ def target_config(model, fmt: str):
     fields.update(
         hidden_act=m.activation,
         num_experts_per_tok=m.top_k,
-        router_aux_loss_coef=m.aux_loss_weight,
+        # HF's load-balancing loss is k times ours (its token fractions sum to k): the same strength is
+        # weight / k (moe.losses.equivalent_aux_loss_weights).
+        router_aux_loss_coef=m.aux_loss_weight / m.top_k,
     )
     if fmt == "mixtral":
         head_dim = getattr(cfg, "head_dim", None)

@@ -97,9 +97,10 @@ class MoEConfig:
     of every token of the sequence (Fan et al. 2024). In a causal LM this lets token t's experts depend on
     later tokens (it leaks the future; kept to reproduce the paper); 'sequence_prefix' is the causal
     variant: token t is routed on the sum over the non-padding tokens up to t, exact under cached
-    generation. Both sequence units score as Fan et al., App. A: top-1 with the configured score (their
-    eq. 1), top-k ≥ 2 with a second softmax over the chosen experts' probabilities (eq. 2), which keeps
-    top-2 weights within [0.27, 0.73]; score_order and renormalize do not apply then. Their z-loss is
+    generation. Both sequence units score as Fan et al., App. A: top-1 weighted by the chosen expert's
+    probability p_i (their eq. 1, Switch), top-k ≥ 2 with a second softmax over the chosen experts'
+    probabilities (eq. 2), which keeps top-2 weights within [0.27, 0.73]; score_order and renormalize do
+    not apply to sequence units. Their z-loss is
     taken on the per-token logits and their load-balancing loss on the length-normalised (mean) logits,
     so neither grows with sequence length."""
     global_routing: bool = False
@@ -210,9 +211,12 @@ class MoEConfig:
     @property
     def weights_sum_to_one(self) -> bool:
         """Whether the k combine weights of a token always sum to 1 (renormalised softmax-then-top-k,
-        top-k-then-softmax, Fan et al.'s eq. 2, fixed routing), rather than being raw probabilities."""
-        if self.router_mode == "fixed" or (self.sequence_units and self.top_k > 1):
+        top-k-then-softmax, Fan et al.'s eq. 2, fixed routing), rather than being raw probabilities
+        (sequence top-1 is their eq. 1, the raw p_i)."""
+        if self.router_mode == "fixed":
             return True
+        if self.sequence_units:
+            return self.top_k > 1
         return self.score_order == "topk_softmax" or self.renormalize
 
     @property

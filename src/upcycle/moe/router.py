@@ -88,11 +88,14 @@ def score_sequence(summed_UE: torch.Tensor, config: MoEConfig):
     chosen experts by a *second* softmax over their probabilities, w_i = e^{p_i} / Σ_{j∈top-k} e^{p_j}.
     As the p_i lie in [0, 1], top-2 weights stay within [1/(1+e), e/(1+e)] ≈ [0.27, 0.73] however long
     the sequence, where one softmax of a 256-token sum gives [1, 1e-9]. Top-1 follows their eq. 1
-    (Switch), i.e. the layer's configured score. Returns (probs_UE, weights_UK, ids_UK).
+    (Switch): the chosen expert's probability p_i itself, whatever ``renormalize`` says (renormalised,
+    the weight would be 1 and the router would get no gradient from the LM loss). Returns (probs_UE,
+    weights_UK, ids_UK).
     """
-    if config.top_k == 1:
-        return score(summed_UE, 1, config.score_order, config.renormalize)
     probs_UE = torch.softmax(summed_UE, dim=-1)
+    if config.top_k == 1:
+        weights_U1, ids_U1 = probs_UE.max(dim=-1, keepdim=True)
+        return probs_UE, weights_U1, ids_U1
     # The top k of p are the top k of h (softmax is monotonic); choosing on h keeps the order where the
     # float32 softmax of a long sum rounds the runners-up to the same 0.
     ids_UK = torch.topk(summed_UE, config.top_k, dim=-1).indices

@@ -279,7 +279,11 @@ def resolve_languages(cfg: FinetuneConfig) -> list[str | None]:
                 "" if ordered else " (use --train-languages none for a folder without language sub-folders)"
             )
             # A typo of an XNLI code names the 15 codes too (issue 12), not only the folder's contents.
-            unknown = "" if lang in XNLI_LANGUAGES else f"unknown language; XNLI's are {', '.join(XNLI_LANGUAGES)}; "
+            unknown = (
+                ""
+                if lang in XNLI_LANGUAGES
+                else f"unknown language; XNLI's are {', '.join(XNLI_LANGUAGES)}; "
+            )
             raise ConfigError(
                 "train_languages",
                 lang,
