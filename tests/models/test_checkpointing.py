@@ -23,6 +23,7 @@ OPTIONS = {
     "noisy": {"noisy_gating": True},
     "jitter": {"router_jitter": 0.2},
     "mlp_router": {"router_type": "mlp", "router_bias": True},
+    "embedding_router": {"router_type": "embedding", "domain_embedding_size": 8, "router_hidden_size": 16},
     "capacity": {"capacity_factor": 1.0},
 }
 
@@ -63,7 +64,7 @@ def test_checkpointed_gradients_equal_plain_ones(family, option):
     assert grads_ckpt.keys() == grads.keys()
     for name, g in grads.items():
         torch.testing.assert_close(grads_ckpt[name], g, rtol=1e-5, atol=1e-6, msg=name)
-    if option.startswith("global") or option in ("token", "sequence"):
+    if option.startswith("global") or option in ("token", "sequence", "embedding_router"):
         router = [n for n in grads if ".router." in n]
         assert router and all(grads[n].abs().sum() > 0 for n in router)  # the router does learn
     # The recompute does not count the tokens a second time.

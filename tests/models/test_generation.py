@@ -9,7 +9,15 @@ from transformers import DynamicCache
 
 from tests.models.tiny import tiny_moe, token_ids
 
+# Every routing option whose decisions depend on no later token (so a cached step can equal the full
+# forward): `sequence` routing sees the future by design, capacity depends on the batch's token count,
+# fixed routing needs per-sequence labels, random routers draw anew per call.
 PREFIX = {
+    "token": {},
+    "global": {"global_routing": True},
+    "frozen": {"router_mode": "frozen"},
+    "mlp_router": {"router_type": "mlp", "router_bias": True},
+    "embedding_router": {"router_type": "embedding", "domain_embedding_size": 8, "router_hidden_size": 16},
     "prefix": {"routing_unit": "sequence_prefix"},
     "prefix_global_top1": {
         "routing_unit": "sequence_prefix", "global_routing": True, "top_k": 1, "renormalize": False

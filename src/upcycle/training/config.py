@@ -204,18 +204,16 @@ class PretrainConfig:
         return from_dict(cls, data)
 
 
-def absolute_path(value):
-    """A local path made absolute (``~`` expanded); hub ids, presets and None unchanged."""
-    from upcycle.models.loading import looks_like_path
+def _absolute_if_path(value):
+    """A local path made absolute (``upcycle.io.absolute_path``); hub ids, presets and None unchanged."""
+    from upcycle.io import absolute_path, looks_like_path
 
-    if isinstance(value, str) and value and looks_like_path(value):
-        return str(Path(value).expanduser().resolve())
-    return value
+    return absolute_path(value) if looks_like_path(value) else value
 
 
 def resolve_paths(cfg, fields: tuple[str, ...]):
     """A copy of ``cfg`` with its path ``fields`` absolute (``out`` always) and the one-off switches off."""
-    changes = {name: absolute_path(getattr(cfg, name)) for name in fields if name != "out"}
+    changes = {name: _absolute_if_path(getattr(cfg, name)) for name in fields if name != "out"}
     if cfg.out:
         changes["out"] = str(Path(cfg.out).expanduser().resolve())
     return dataclasses.replace(cfg, **changes, resume=False, overwrite=False)
