@@ -26,7 +26,7 @@ from upcycle.io import atomic_output_dir, check_output_dir, expand_path
 from upcycle.models.modeling import Family, family_for, moe_config_of
 from upcycle.moe import MoE, MoEConfig
 from upcycle.upcycling.dense import DenseMLP, copy_into_expert
-from upcycle.upcycling.options import METHOD_OPTIONS, UpcycleConfig, parse_layers
+from upcycle.upcycling.options import UpcycleConfig, parse_layers, used_options
 from upcycle.upcycling.registry import LayerInit, get_method, prepare
 
 #: Config keys of the source that must not be copied into the MoE config.
@@ -239,17 +239,6 @@ def _recorded_source(name: str) -> str:
     from upcycle.io import absolute_path
 
     return absolute_path(name) if expand_path(name).is_dir() else name
-
-
-def used_options(opts: UpcycleConfig) -> dict:
-    """The options this conversion used: another method's options (``ratio`` with 'naive') are left out,
-    and ``weight_scaling`` is recorded as resolved (issue 11)."""
-    options = {k: v for k, v in opts.to_dict().items() if k not in ("model", "out", "overwrite")}
-    for name, methods in METHOD_OPTIONS.items():
-        if opts.method not in methods:
-            options.pop(name, None)
-    options["weight_scaling"] = opts.scaling
-    return options
 
 
 def _fill_shared_experts(moe: MoE, dense: list[DenseMLP], scratch: bool, std: float, generator) -> None:
