@@ -226,3 +226,11 @@ def test_plan_json_lists_every_task_with_its_estimate(tmp_path):
     seed = tasks["seed/seed"]["estimate"]
     assert seed["steps"] == 2 and seed["tokens"] == 2 * 2 * 16 and seed["flops"] > 0
     assert tasks["convert/moe"]["estimate"]["params"] > tasks["convert/moe"]["estimate"]["active"]
+
+
+def test_nexus_extends_btx_with_a_mean_router_row_and_nexus_through_its_projection(tmp_path):
+    plan = prepare(RunOptions(experiment=str(EXPERIMENTS / "nexus.yaml"), out=str(tmp_path / "r")))
+    extend = {t.name: t.config for t in plan.stage_tasks("extend")}
+    # router_init is read by linear routers only (`upcycle extend` refuses it for an embedding router).
+    assert extend["btx"].router_init == "mean" and extend["nexus"].router_init is None
+    assert extend["btx"].expert == extend["nexus"].expert

@@ -322,10 +322,17 @@ def routing_warnings(m: MoEConfig) -> dict:
 
 
 def preservation_line(fp: dict) -> str:
-    """The function-preservation figures and, in the same line, what the routing choice implies for them
-    and for the router's training signal; a second line warns of routing that sees future tokens."""
+    """The function-preservation figures (a conversion's, or the newest extension's) and, in the same line,
+    what the routing choice implies for them and for the router's training signal; a second line warns of
+    routing that sees future tokens."""
     line = f"function preservation: max |Δlogits| = {fp['max_abs_logit_diff']:.3g}, mean KL = {fp['mean_kl']:.3g}"
-    if fp.get("method") == "nexus":
+    if fp.get("after_extension"):  # `upcycle extend`'s figures: the MoE before vs after extension N
+        line = (
+            f"function preservation after extension {fp['after_extension']} (vs the MoE before it, on "
+            f"{fp.get('probe', 'random tokens')}): max |Δlogits| = {fp['max_abs_logit_diff']:.3g}, mean KL = "
+            f"{fp['mean_kl']:.3g}; {fp.get('probe_routed_to_new', 0):.1%} of probe tokens go to the new expert(s)"
+        )
+    elif fp.get("method") == "nexus":
         line += (
             " (vs the seed: a Nexus MoE adds each token's routed domain expert to the seed's MLP by design)"
         )
