@@ -162,6 +162,41 @@ def test_a_list_of_grids_joins_their_points_and_equal_points_are_one_task(tmp_pa
     assert learned.points == ["top_k=2", "top_k=2,router_mode=learned"]
 
 
+def test_points_differing_only_in_an_option_their_method_ignores_share_one_conversion(tmp_path):
+    from upcycle.experiment.estimate import estimate_plan
+    from upcycle.experiment.runner import plan_document
+
+    doc = small_demo(drop=("evaluate",))
+    doc["sweep"] = {"method": ["naive", "drop"], "ratio": [0.15, 0.5]}
+    plan = plan_of(tmp_path, doc)
+    # ratio is drop's only: the two naive points are one conversion, and one MoE downstream of it.
+    names = {stage: sorted(t.name for t in plan.stage_tasks(stage)) for stage in plan.stages}
+    assert names["convert"] == ["moe@method=drop,ratio=0.15", "moe@method=drop,ratio=0.5", "moe@method=naive"]
+    assert names["pretrain"] == ["dense", *names["convert"]]
+    assert len(names["finetune"]) == 2 * 4
+    naive = plan.tasks["convert/moe@method=naive"]
+    assert naive.points == ["method=naive,ratio=0.15", "method=naive,ratio=0.5"]
+    assert plan.tasks["finetune/fr/moe@method=naive"].points == naive.points
+    routing = plan.tasks["analyze/routing-language/fr"]
+    assert list(routing.models) == [
+        "moe@method=naive",
+        "moe@method=drop,ratio=0.15",
+        "moe@method=drop,ratio=0.5",
+    ]
+    # plan.json still lists every sweep point, and which tasks each one uses.
+    estimate_plan(plan)
+    listed = json.loads(json.dumps(plan_document(plan, dict.fromkeys(plan.tasks, "run")), default=str))
+    assert len(listed["points"]) == 4
+    used = {
+        p
+        for s in listed["stages"]
+        for t in s["tasks"]
+        if t["key"].startswith("convert/")
+        for p in t["points"]
+    }
+    assert used == set(listed["points"])
+
+
 def _hashes(plan) -> dict[str, str]:
     return {key: task.hash for key, task in plan.tasks.items()}
 
@@ -200,3 +235,11 @@ def test_plan_json_lists_every_task_with_its_estimate(tmp_path):
     seed = tasks["seed/seed"]["estimate"]
     assert seed["steps"] == 2 and seed["tokens"] == 2 * 2 * 16 and seed["flops"] > 0
     assert tasks["convert/moe"]["estimate"]["params"] > tasks["convert/moe"]["estimate"]["active"]
+
+
+def test_nexus_extends_btx_with_a_mean_router_row_and_nexus_through_its_projection(tmp_path):
+    plan = prepare(RunOptions(experiment=str(EXPERIMENTS / "nexus.yaml"), out=str(tmp_path / "r")))
+    extend = {t.name: t.config for t in plan.stage_tasks("extend")}
+    # router_init is read by linear routers only (`upcycle extend` refuses it for an embedding router).
+    assert extend["btx"].router_init == "mean" and extend["nexus"].router_init is None
+    assert extend["btx"].expert == extend["nexus"].expert

@@ -103,6 +103,41 @@ def test_preservation_figures_are_reported_and_stored(nexus_moe, extended):
     assert fp["max_abs_logit_diff"] > 0 and 0 < fp["probe_routed_to_new"] < 1
 
 
+def test_the_top_level_preservation_is_the_extensions_and_inspect_says_so(nexus_moe, extended, capsys):
+    converted = json.loads(Path(nexus_moe, "upcycling.json").read_text())["function_preservation"]
+    record = json.loads(Path(extended, "upcycling.json").read_text())
+    fp = AutoModelForCausalLM.from_pretrained(extended).config.upcycling["function_preservation"]
+    ext = record["extensions"][-1]["function_preservation"]
+    # What `convert` writes and `inspect` and the report read: now the extension's figures.
+    assert record["function_preservation"] == fp and fp["after_extension"] == 1
+    assert {k: fp[k] for k in ext} == ext and fp["max_abs_logit_diff"] != converted["max_abs_logit_diff"]
+    assert record["conversion_function_preservation"] == converted
+    assert main(["inspect", extended]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"after extension 1 (vs the MoE before it, on random tokens): max |Δlogits| = {ext['max_abs_logit_diff']:.3g}"
+        in out
+    )
+    assert (
+        f"at conversion (vs the dense source): max |Δlogits| = {converted['max_abs_logit_diff']:.3g}" in out
+    )
+    assert "extension 1: added math (router: projection of the domain embedding)" in out
+
+
+def test_upcycle_runs_extend_summary_carries_the_preservation(nexus_world, nexus_moe, tmp_path, capsys):
+    from upcycle.experiment.execute import execute
+    from upcycle.experiment.tasks import Task
+
+    w, out = nexus_world, tmp_path / "extended"
+    cfg = ExtendConfig(model=nexus_moe, expert=[f"math={w.experts['math']}"], domain_data=[f"math={w.data['math']}"],
+                       embed_tokens=200, out=str(out))  # fmt: skip
+    summary = execute(Task("extend", "nexus", "extend", cfg, out=out), resume=False)
+    record = json.loads((out / "upcycling.json").read_text())["extensions"][-1]
+    assert summary["function_preservation"] == record["function_preservation"]
+    assert summary["new_expert_routing"] == {"math": record["new_expert_routing"]["math"]["mean"]}
+    assert "function preservation on the old domains" in capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def btx_moe(nexus_world, tmp_path_factory):
     w = nexus_world
@@ -169,6 +204,29 @@ def test_freeze_existing_trains_only_the_new_expert_and_the_router_projection(
         assert torch.equal(after[key], tensor) == (key not in expected), key
 
 
+def test_a_conversion_from_relative_paths_extends_from_another_folder(nexus_world, tmp_path, monkeypatch):
+    w = nexus_world
+    monkeypatch.chdir(w.root)  # the seed, the experts and the text given relative to the nexus folder
+    rel = {d: str(Path(w.experts[d]).relative_to(w.root)) for d in ("prose", "code")}
+    moe_dir = tmp_path / "moe"
+    convert(UpcycleConfig(model=["seed"], method="nexus", expert=[f"{d}={p}" for d, p in rel.items()],
+                          domain_data=["prose=prose.jsonl", "code=code.jsonl"], embed_tokens=100,
+                          out=str(moe_dir)), progress=False)  # fmt: skip
+    nexus = json.loads((moe_dir / "upcycling.json").read_text())["nexus"]
+    domains = nexus["domain_embeddings"]["domains"]
+    recorded = [nexus["shared_expert"], domains["prose"]["model"], domains["code"]["model"]]
+    assert all(Path(p).is_absolute() and Path(p).resolve() == Path(w.seed).resolve() for p in recorded)
+    assert Path(domains["code"]["source"]).is_absolute()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the recorded embedder (the seed) is found from here too
+    result = extend(ExtendConfig(model=str(moe_dir), expert=[f"math={w.experts['math']}"],
+                                 domain_data=[f"math={w.data['math']}"], embed_tokens=100, out=None))  # fmt: skip
+    expected = hand_domain_embedding(w.seed, w.data["math"], 100)
+    for moe in result.model.moe_layers().values():
+        torch.testing.assert_close(moe.router.domain_embeddings[2], expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "flags,message",
     [
@@ -178,6 +236,8 @@ def test_freeze_existing_trains_only_the_new_expert_and_the_router_projection(
         (["--expert", "math=M", "--domain-embeddings", "EMB7"], "the router's domain embeddings have size 32"),
         (["--expert", "math=M", "--expert", "math=M"], "the name 'math' is given twice"),
         (["--expert", "math=MOE"], "is already an MoE checkpoint"),
+        (["--expert", "math=M", "--domain-data", "math=DM", "--router-init", "mean"],
+         "--router-init='mean' is invalid: applies to linear and mlp routers only"),
     ],
 )  # fmt: skip
 def test_bad_input_gives_one_line_errors(nexus_world, nexus_moe, tmp_path, capsys, flags, message):

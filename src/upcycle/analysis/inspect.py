@@ -216,6 +216,16 @@ def render(info: dict) -> str:
             from upcycle.upcycling.convert import preservation_line
 
             lines.append(preservation_line(fp))
+        conv = up.get("conversion_function_preservation")
+        if conv:  # after `upcycle extend`: the figures above are the extension's
+            lines.append(
+                f"function preservation at conversion (vs the dense source): max |Δlogits| = "
+                f"{conv['max_abs_logit_diff']:.3g}, mean KL = {conv['mean_kl']:.3g}"
+            )
+        for i, ext in enumerate(up.get("extensions") or [], 1):
+            lines.append(
+                f"extension {i}: added {', '.join(ext.get('experts', {}))} (router: {ext.get('router')})"
+            )
     return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ Causal LMs and fine-tuned sequence classifiers (a folder whose ``architectures``
         NAME: {
           "path", "architecture", "head": "causal_lm" | "sequence_classification",
           "num_experts": E, "top_k": K, "routing_unit", "global_routing", "max_length",
+          "added_experts": {name: expert index} of the experts `upcycle extend` added ({} if none),
           "tokens": [non-padding tokens counted per group],
           "layers": {
             "LAYER": {                       # decoder layer index of an MoE layer
@@ -177,6 +178,7 @@ def model_record(checked: RoutedModel, counts: dict[int, dict], max_length: int)
     """The routing.json entry of one model (see the module docstring)."""
     from upcycle.analysis.metrics import layer_metrics
     from upcycle.models.modeling import moe_config_of
+    from upcycle.upcycling.extend import added_experts
 
     moe = moe_config_of(checked.config)
     layers = {}
@@ -194,6 +196,7 @@ def model_record(checked: RoutedModel, counts: dict[int, dict], max_length: int)
         "architecture": (list(getattr(checked.config, "architectures", None) or ["?"]))[0],
         "head": checked.head,
         "num_experts": moe.num_experts,
+        "added_experts": added_experts(checked.config),
         "top_k": moe.top_k,
         "routing_unit": moe.routing_unit,
         "global_routing": moe.global_routing,

@@ -137,7 +137,12 @@ def _extend(task: Task, resume: bool) -> dict:
     cfg = dataclasses.replace(task.config, overwrite=True)
     result = extend(cfg)
     print(result.report_line())
-    return {"out": str(result.out)}
+    return {
+        "out": str(result.out),
+        "function_preservation": result.preservation,
+        "new_expert_routing": {name: r["mean"] for name, r in result.new_expert_routing.items()},
+        "moe_layers": list(result.model.config.moe_layers),
+    }
 
 
 # ------------------------------------------------------------------------- evaluate, analyze, report

@@ -200,9 +200,15 @@ class PlanBuilder:
 
 
 def _config_dict(config: Any) -> dict:
-    """The config as hashed: convert's MoE fields given at their default values are left out, so that a
-    sweep point writing `global_routing: false` and one leaving it out are the same task."""
+    """The config as hashed: convert's options that its method does not read (``ratio`` with 'naive') and
+    its MoE fields given at their default values are left out, so that sweep points differing only there
+    (`method: [naive, drop]` × `ratio: [0.15, 0.5]`; `global_routing: false` written or left out) share
+    one conversion and everything that depends only on it (issue 14: shared stages run once)."""
+    from upcycle.upcycling.options import UpcycleConfig, used_options
+
     out = Task("", "", "", config).config_dict()
+    if isinstance(config, UpcycleConfig):
+        out = {"model": out["model"], **Task("", "", "", used_options(config)).config_dict()}
     if isinstance(out.get("moe"), dict):
         import dataclasses as dc
 
@@ -222,7 +228,8 @@ def _unique(tasks: list[Task]) -> list[Task]:
 
 def _labels(members: list[Candidate]) -> dict[str, str]:
     """Hash → the part of the point label that tells the distinct tasks of one model apart: the swept
-    keys whose change alone changes the task (every swept key if that is ambiguous)."""
+    keys whose change alone changes the task, less those its points do not agree on (every swept key of
+    its first point if that is ambiguous)."""
     hashes = list(dict.fromkeys(c.hash for c in members))
     if len(hashes) == 1:
         return {hashes[0]: ""}
@@ -240,13 +247,22 @@ def _labels(members: list[Candidate]) -> dict[str, str]:
                 relevant.append(path)
                 break
     labels: dict[str, str] = {}
-    for c in members:  # a task shared by several points is named after the first
-        labels.setdefault(c.hash, c.ctx.point.label(relevant))
+    for c in members:  # a task shared by several points is named after what they have in common
+        labels.setdefault(
+            c.hash, c.ctx.point.label([p for p in relevant if p not in _varying(members, c.hash)])
+        )
     if len(set(labels.values())) != len(hashes):
         labels = {}
         for c in members:
             labels.setdefault(c.hash, c.ctx.point.label())
     return labels
+
+
+def _varying(members: list[Candidate], task_hash: str) -> set[str]:
+    """The swept paths that differ between the points sharing the task ``task_hash``: they do not change
+    it ('ratio' of a naive conversion), so its name leaves them out (``moe@method=naive``)."""
+    values = [c.ctx.point.values for c in members if c.hash == task_hash]
+    return {p for v in values for p in v if any(w.get(p) != v[p] for w in values)}
 
 
 def build_plan(experiment: Experiment, run_dir: Path) -> Plan:

@@ -150,6 +150,15 @@ def pretrain_candidates(b: PlanBuilder, ctx: PointContext) -> list[Candidate]:
 # ------------------------------------------------------------------------------------------- extend
 
 
+#: extend keys that one kind of router reads (`upcycle extend` refuses them for the others): a shared extend
+#: section gives each to the variants whose router reads it (nexus.yaml: router_init to BTX, not Nexus).
+_ROUTER_KEYS = {
+    "router_init": ("linear", "mlp"),
+    "embedder": ("embedding",),
+    "domain_embeddings": ("embedding",),
+}
+
+
 def extend_candidates(b: PlanBuilder, ctx: PointContext) -> list[Candidate]:
     from upcycle.upcycling.options import ExtendConfig
 
@@ -163,11 +172,11 @@ def extend_candidates(b: PlanBuilder, ctx: PointContext) -> list[Candidate]:
     candidates = []
     for name in names:
         ref = ctx.pretrained[name]
+        router = ctx.converted[name].config.router_type
+        own = {k: v for k, v in values.items() if router in _ROUTER_KEYS.get(k, (router,))}
 
-        def make(out, ref=ref):
-            config, deps = b.config(
-                ExtendConfig, {**values, "model": ref.path, "out": str(out)}, "extend", ctx
-            )
+        def make(out, ref=ref, own=own):
+            config, deps = b.config(ExtendConfig, {**own, "model": ref.path, "out": str(out)}, "extend", ctx)
             return config, deps + [ref.task]
 
         def register(task: Task, name=name) -> None:

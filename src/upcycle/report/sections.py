@@ -48,12 +48,22 @@ def _models(files: RunFiles) -> list[tuple[str, dict, str]]:
     else the converted ones."""
     trained = [t for t in files.of("pretrain") if t["role"] in ("moe", "dense")]
     if trained:
-        return [(t["model"], t, str(Path(t["out"]) / "final")) for t in trained]
-    return [(t["model"], t, t["out"]) for t in files.of("convert")]
+        models = [(t["model"], t, str(Path(t["out"]) / "final")) for t in trained]
+    else:
+        models = [(t["model"], t, t["out"]) for t in files.of("convert")]
+    # After `upcycle extend`, named as the evaluations and analyses name them (nexus+math).
+    return models + [(f"{t['model']}+{'+'.join(_added(t))}", t, t["out"]) for t in files.of("extend")]
+
+
+def _added(task: dict) -> list[str]:
+    from upcycle.upcycling.options import parse_named
+
+    return list(parse_named(task["config"].get("expert") or [], "expert"))
 
 
 def _construction(files: RunFiles, task: dict) -> tuple[str, dict | None]:
-    """How a model was made, and its conversion's function-preservation record."""
+    """How a model was made, and its function-preservation record (its conversion's; an extended model's:
+    its extension's)."""
     convert = next(
         (t for t in files.tasks if t["kind"] == "convert" and t["key"] in _upstream(files, task)), None
     )
@@ -65,8 +75,15 @@ def _construction(files: RunFiles, task: dict) -> tuple[str, dict | None]:
     what = f"{c['method']}, {c['experts']} experts, top-{c['top_k']}, layers {c['layers']}"
     if c["method"] == "drop":
         what += f", r = {c['ratio']}"
+    if task["kind"] == "extend":  # its record's top level holds the extension's figures
+        upcycling = read_json(Path(task["out"]) / "upcycling.json") or {}
+        router = ((upcycling.get("extensions") or [{}])[-1]).get("router")
+        what += f"; extended by {', '.join(_added(task))}" + (
+            f" (new router entry: {router})" if router else ""
+        )
+        return what, upcycling.get("function_preservation")
     upcycling = read_json(Path(convert["out"]) / "upcycling.json") or {}
-    return what, upcycling.get("function_preservation")
+    return what, upcycling.get("conversion_function_preservation") or upcycling.get("function_preservation")
 
 
 def _upstream(files: RunFiles, task: dict) -> set[str]:
@@ -105,7 +122,8 @@ def setup(files: RunFiles, paper: str) -> tuple[list[Block], dict]:
     notes = [
         f"FLOPs per token: forward pass at sequence length {seq_len} "
         "(Drop-Upcycling's Table 3 accounting). Function preservation: max |Δlogits| / mean KL between the dense "
-        "source and the MoE right after conversion, on a fixed probe batch."
+        "source and the MoE right after conversion (extended models: between the MoE before and after "
+        "`upcycle extend`), on a fixed probe batch."
     ]
     if paper == "drop-upcycling":
         published = DROP_UPCYCLING["parameters"]
@@ -394,7 +412,7 @@ def routing(files: RunFiles, paper: str) -> tuple[list[Block], dict]:
         blocks.append(
             Table(["model", "layer", "balance", "max / mean", "specialisation"], rows, notes, align_left=2)
         )
-        if any("+" in m for m in doc["models"]) and doc["group_by"] == "domain":
+        if doc["group_by"] == "domain" and any(_added_experts(m, r) for m, r in doc["models"].items()):
             blocks += _new_expert_table(doc)
         if files.figure(task, "group_fractions"):
             blocks.append(
@@ -410,18 +428,32 @@ def routing(files: RunFiles, paper: str) -> tuple[list[Block], dict]:
     return ([Heading("Routing"), *blocks] if blocks else []), numbers
 
 
+def _added_experts(model: str, record: dict) -> dict[str, int]:
+    """Name → index of the experts `upcycle extend` added to ``model``: as routing.json records them, else
+    (a file written before it did) read from the name the run gives it, nexus+math+law: the last two."""
+    if "added_experts" in record:
+        return record["added_experts"]
+    added = model.split("+")[1:]
+    first = record["num_experts"] - len(added)
+    return {name: first + j for j, name in enumerate(added)}
+
+
 def _new_expert_table(doc: dict) -> list[Block]:
-    """After `upcycle extend`: the share of each domain's tokens whose first choice is the new expert."""
+    """After `upcycle extend`: the share of each domain's tokens whose first choice is each added expert."""
     rows = []
     for model, record in doc["models"].items():
+        added = _added_experts(model, record)
         for layer, entry in record["layers"].items():
-            top1 = entry["top1"]
-            shares = [row[-1] / max(1, sum(row)) for row in top1]
-            rows.append([model, layer] + [pct(s) for s in shares])
-    notes = ["Share (%) of each domain's tokens whose first choice is the last (newly added) expert."]
+            for name, e in added.items():
+                shares = [row[e] / max(1, sum(row)) for row in entry["top1"]]
+                rows.append([model, layer, f"{name} ({e})"] + [pct(s) for s in shares])
+    notes = [
+        "Share (%) of each domain's tokens whose first choice is the expert (index) added by `upcycle extend`, "
+        "one row per added expert."
+    ]
     return [
         Para("Do the new domain's tokens reach the new expert?"),
-        Table(["model", "layer", *doc["groups"]], rows, notes, align_left=2),
+        Table(["model", "layer", "new expert", *doc["groups"]], rows, notes, align_left=3),
     ]
 
 

@@ -26,7 +26,7 @@ from upcycle.io import atomic_output_dir, check_output_dir, expand_path
 from upcycle.models.modeling import Family, family_for, moe_config_of
 from upcycle.moe import MoE, MoEConfig
 from upcycle.upcycling.dense import DenseMLP, copy_into_expert
-from upcycle.upcycling.options import METHOD_OPTIONS, UpcycleConfig, parse_layers
+from upcycle.upcycling.options import UpcycleConfig, parse_layers, used_options
 from upcycle.upcycling.registry import LayerInit, get_method, prepare
 
 #: Config keys of the source that must not be copied into the MoE config.
@@ -241,17 +241,6 @@ def _recorded_source(name: str) -> str:
     return absolute_path(name) if expand_path(name).is_dir() else name
 
 
-def used_options(opts: UpcycleConfig) -> dict:
-    """The options this conversion used: another method's options (``ratio`` with 'naive') are left out,
-    and ``weight_scaling`` is recorded as resolved (issue 11)."""
-    options = {k: v for k, v in opts.to_dict().items() if k not in ("model", "out", "overwrite")}
-    for name, methods in METHOD_OPTIONS.items():
-        if opts.method not in methods:
-            options.pop(name, None)
-    options["weight_scaling"] = opts.scaling
-    return options
-
-
 def _fill_shared_experts(moe: MoE, dense: list[DenseMLP], scratch: bool, std: float, generator) -> None:
     """Shared experts: copies of the (averaged) dense MLP, or N(0, std) weights for from-scratch experts."""
     merged = DenseMLP.average(dense) if len(dense) > 1 else dense[0]
@@ -333,10 +322,17 @@ def routing_warnings(m: MoEConfig) -> dict:
 
 
 def preservation_line(fp: dict) -> str:
-    """The function-preservation figures and, in the same line, what the routing choice implies for them
-    and for the router's training signal; a second line warns of routing that sees future tokens."""
+    """The function-preservation figures (a conversion's, or the newest extension's) and, in the same line,
+    what the routing choice implies for them and for the router's training signal; a second line warns of
+    routing that sees future tokens."""
     line = f"function preservation: max |Δlogits| = {fp['max_abs_logit_diff']:.3g}, mean KL = {fp['mean_kl']:.3g}"
-    if fp.get("method") == "nexus":
+    if fp.get("after_extension"):  # `upcycle extend`'s figures: the MoE before vs after extension N
+        line = (
+            f"function preservation after extension {fp['after_extension']} (vs the MoE before it, on "
+            f"{fp.get('probe', 'random tokens')}): max |Δlogits| = {fp['max_abs_logit_diff']:.3g}, mean KL = "
+            f"{fp['mean_kl']:.3g}; {fp.get('probe_routed_to_new', 0):.1%} of probe tokens go to the new expert(s)"
+        )
+    elif fp.get("method") == "nexus":
         line += (
             " (vs the seed: a Nexus MoE adds each token's routed domain expert to the seed's MLP by design)"
         )

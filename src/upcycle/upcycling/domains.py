@@ -141,6 +141,14 @@ def embedder_tokenizer(model, name: str, field_name: str):
         ) from None
 
 
+def _recorded(name: str) -> str:
+    """A local file or folder as an absolute path (``upcycle extend`` reads the record from any folder and
+    loads the recorded embedder again); a hub id as given."""
+    from upcycle.io import absolute_path, expand_path
+
+    return absolute_path(name) if expand_path(name).exists() else name
+
+
 def embed_domains(
     names: list[str],
     data: dict[str, str],
@@ -170,13 +178,13 @@ def embed_domains(
             ids = sample_tokens(tokenizer, data[name], tokens, text_field, field_name)
             vectors[name], token_ids[name] = mean_last_hidden_state(embedder[0], ids), ids
             record[name] = {
-                "source": data[name],
+                "source": _recorded(data[name]),
                 "tokens": int(ids.numel()),
-                "model": embedder[1],
+                "model": _recorded(embedder[1]),
                 "embedder": EMBEDDER,
             }
         else:
-            vectors[name], record[name] = from_file[name], {"file": str(file)}
+            vectors[name], record[name] = from_file[name], {"file": _recorded(file)}
     sizes = {n: v.numel() for n, v in vectors.items()}
     if len(set(sizes.values())) > 1:
         raise ConfigError("domain_embeddings", sizes, "every domain embedding must have the same size")

@@ -22,7 +22,9 @@ Function on the old domains is measured right after extension as at conversion: 
 KL(old ‖ extended) on a probe batch (random tokens, or text of the old domains with ``--probe-data``),
 plus the share of probe tokens the new experts take, and, for each new domain with text, the share of
 its tokens routed to its expert in every layer. All of it is stored in the config's ``upcycling`` block
-(``extensions``) and in ``upcycling.json``.
+(``extensions``) and in ``upcycling.json``; the newest extension's figures are also the block's top-level
+``function_preservation`` (with ``after_extension: N``), the conversion's kept as
+``conversion_function_preservation``.
 """
 
 from __future__ import annotations
@@ -121,6 +123,13 @@ def expert_names(config) -> list[str]:
     return names if len(names) == n else [f"expert{i}" for i in range(n)]
 
 
+def added_experts(config) -> dict[str, int]:
+    """Name → index of the routed experts added by ``upcycle extend`` (recorded in ``extensions``)."""
+    extensions = (getattr(config, "upcycling", None) or {}).get("extensions") or []
+    names = expert_names(config)
+    return {n: names.index(n) for ext in extensions for n in ext.get("experts", {}) if n in names}
+
+
 def recorded_embedder(config) -> str | None:
     """The model that embedded the checkpoint's domains from text, if the record names one."""
     domains = ((config.upcycling or {}).get("nexus") or {}).get("domain_embeddings", {}).get("domains", {})
@@ -149,6 +158,13 @@ def new_domain_embeddings(old, cfg: ExtendConfig, names: list[str], data: dict[s
                     f"the MoE's router is {m.router_type}: it has no domain embeddings",
                 )
         return None
+    if cfg.router_init is not None:  # the new entry is P(d_new): there is no row to initialise
+        raise ConfigError(
+            "router_init",
+            cfg.router_init,
+            "applies to linear and mlp routers only; the MoE's embedding router gives the new expert "
+            "the projection of its domain embedding",
+        )
     embedder = None
     if data:
         name = cfg.embedder or recorded_embedder(old.config)
@@ -318,6 +334,7 @@ def _record(
     """The checkpoint's ``upcycling`` block with this extension added."""
     import upcycle
     from upcycle.models.modeling import moe_config_of
+    from upcycle.upcycling.convert import routing_warnings
 
     up = copy.deepcopy(old.config.upcycling or {})
     up["expert_names"] = expert_names(old.config) + list(new)
@@ -330,7 +347,8 @@ def _record(
         if m.router_type == "embedding"
         else cfg.router_init or m.router_init
     )
-    up.setdefault("extensions", []).append(
+    extensions = up.setdefault("extensions", [])
+    extensions.append(
         {
             "from": cfg.model,
             "experts": new,
@@ -345,6 +363,11 @@ def _record(
             "upcycle_version": upcycle.__version__,
         }
     )
+    # The top level holds the newest figures, where `convert` writes them and `inspect` and the report
+    # read them; the conversion's own move to conversion_function_preservation (issue 15).
+    if "function_preservation" in up and "conversion_function_preservation" not in up:
+        up["conversion_function_preservation"] = up["function_preservation"]
+    up["function_preservation"] = {**preservation, "after_extension": len(extensions), **routing_warnings(m)}
     return up
 
 
@@ -433,4 +456,12 @@ def extend(cfg: ExtendConfig) -> ExtendResult:
     return ExtendResult(model, out, preservation, routing)
 
 
-__all__ = ["ExtendConfig", "ExtendResult", "build_extended", "expert_names", "extend", "routed_share"]
+__all__ = [
+    "ExtendConfig",
+    "ExtendResult",
+    "added_experts",
+    "build_extended",
+    "expert_names",
+    "extend",
+    "routed_share",
+]

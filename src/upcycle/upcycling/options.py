@@ -353,6 +353,19 @@ class ExtendConfig:
         return to_dict(self)
 
 
+def used_options(opts: UpcycleConfig) -> dict:
+    """The options a conversion uses: another method's options (``ratio`` with 'naive') are left out,
+    and ``weight_scaling`` is recorded as resolved (issue 11). upcycling.json records them, and
+    ``upcycle run`` hashes them, so sweep points that differ only in an unused option share one
+    conversion (issue 14)."""
+    options = {k: v for k, v in opts.to_dict().items() if k not in ("model", "out", "overwrite")}
+    for name, methods in METHOD_OPTIONS.items():
+        if opts.method not in methods:
+            options.pop(name, None)
+    options["weight_scaling"] = opts.scaling
+    return options
+
+
 def named_list(value) -> list[str]:
     """NAME=VALUE options as a list: a single string, or a YAML mapping {name: value}, is accepted too."""
     if isinstance(value, str):

@@ -37,10 +37,14 @@ NORMALISATION = "unit L2 norm"
 
 def prepare_nexus(opts, sources: list) -> Prepared:
     """Domain embeddings (embedding router), the sources to average, and the record of both."""
+    from upcycle.upcycling.convert import _recorded_source
+
     experts = parse_named(opts.expert, "expert")
     names = list(experts)
     merge = {"mean": sources, "experts": sources[1:], "seed": sources[:1]}[opts.merge]
-    record = {"shared_expert": opts.model[0], "merge": opts.merge}
+    # Local folders recorded absolute, as convert records its sources: `upcycle extend` reads the record
+    # from wherever it runs (the recorded embedder is loaded again).
+    record = {"shared_expert": _recorded_source(opts.model[0]), "merge": opts.merge}
     upcycling = {"expert_names": names, "nexus": record}
     if opts.router_type != "embedding":
         return Prepared(upcycling=upcycling, merge=merge)
