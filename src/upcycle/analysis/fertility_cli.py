@@ -28,6 +28,20 @@ def config_from_args(args) -> FertilityConfig:
     )
 
 
+def check(args) -> FertilityConfig:
+    """The options, the output folder and the tokenizer and data names, checked before torch is imported
+    (issue 11): a mistyped name fails at once while the hub is unreachable."""
+    from upcycle.io import check_output_dir
+    from upcycle.models.loading import check_dataset_name, check_tokenizer_name
+
+    cfg = config_from_args(args)
+    check_output_dir(cfg.out, cfg.overwrite)
+    for name in cfg.tokenizer:
+        check_tokenizer_name(name)
+    check_dataset_name(cfg.data)
+    return cfg
+
+
 def run(args) -> int:
     from upcycle.analysis.cli import quiet_datasets
     from upcycle.analysis.fertility import fertility
