@@ -277,7 +277,8 @@ def check_mapping(
 
 def split_commas(values: str | list | tuple | None) -> list[str] | None:
     """A list option given as ``a,b``, ``a b`` (flags) or ``[a, b]`` / ``a,b`` (YAML) → ``['a', 'b']``: every
-    command accepts both spellings (issue 11). None stays None."""
+    command accepts both spellings (issue 11). Applied where commands read flags and YAML, not in the
+    configs themselves: names that ``upcycle run`` generates may hold commas. None stays None."""
     if values is None:
         return None
     items = [values] if isinstance(values, str) else list(values)

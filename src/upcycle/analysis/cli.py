@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from upcycle.analysis.config import RoutingAnalysisConfig, TrainingAnalysisConfig
-from upcycle.config import ConfigError, UserError, add_dataclass_flags
+from upcycle.config import ConfigError, UserError, add_dataclass_flags, split_commas
 
 HELP = "routing per language / label / domain and layer, or training curves and expert activation of runs"
 
@@ -61,6 +61,8 @@ def config_from_args(args) -> RoutingAnalysisConfig | TrainingAnalysisConfig:
             raise ConfigError(name, ns[name], f"applies to 'upcycle analyze {_other(what)}' only")
     fields = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in ns.items() if k in fields and v is not None}
+    if "names" in values:  # --names a b, or --names a,b (as in every command)
+        values["names"] = split_commas(values["names"])
     return cls(**{own: list(inputs)}, **values)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from upcycle.config import ConfigError, check_literals, check_positive, split_commas
+from upcycle.config import ConfigError, check_literals, check_positive
 
 GroupBy = Literal["language", "label", "domain"]
 Choice = Literal["topk", "top1"]
@@ -70,7 +70,6 @@ class RoutingAnalysisConfig:
     """Replace an existing output folder."""
 
     def __post_init__(self) -> None:
-        self.names = split_commas(self.names)
         if self.group_by is None:
             self.group_by = "domain" if self.domain else "language"
         if self.split is None:
@@ -117,7 +116,6 @@ class TrainingAnalysisConfig:
     """Replace an existing output folder."""
 
     def __post_init__(self) -> None:
-        self.names = split_commas(self.names)
         self.validate()
 
     def validate(self) -> None:
@@ -163,8 +161,6 @@ class FertilityConfig:
     """Replace an existing output folder."""
 
     def __post_init__(self) -> None:
-        self.names = split_commas(self.names)
-        self.text_fields = split_commas(self.text_fields)
         self.validate()
 
     def validate(self) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from upcycle.config import ConfigError, add_dataclass_flags, merge_layers, read_yaml_layer
+from upcycle.config import ConfigError, add_dataclass_flags, merge_layers, read_yaml_layer, split_commas
 from upcycle.evaluation.config import EvaluateConfig
 
 HELP = "evaluate models: the XNLI table over 15 languages, held-out perplexity, or lm-eval tasks"
@@ -42,7 +42,10 @@ def config_from_args(args) -> EvaluateConfig:
     yaml_path = ns.pop("config", None)
     flags = {k: v for k, v in ns.items() if k in EvaluateConfig.__dataclass_fields__}
     yaml_layer = read_yaml_layer(yaml_path, EvaluateConfig) if yaml_path else {}
-    return EvaluateConfig.from_dict(merge_layers(yaml_layer, flags))
+    merged = merge_layers(yaml_layer, flags)
+    if "names" in merged:  # --names a b, or --names a,b (as in every command)
+        merged["names"] = split_commas(merged["names"])
+    return EvaluateConfig.from_dict(merged)
 
 
 def preflight(cfg: EvaluateConfig) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from upcycle.config import ConfigError, check_literals, from_dict, split_commas, to_dict
+from upcycle.config import ConfigError, check_literals, from_dict, to_dict
 from upcycle.data.xnli import XNLI_HUB
 
 #: ``--task`` values besides ``lm-eval:<task name>``.
@@ -87,7 +87,6 @@ class EvaluateConfig:
     """Show a progress bar on a terminal (plain per-language lines otherwise)."""
 
     def __post_init__(self) -> None:
-        self.names = split_commas(self.names)
         self.validate()
 
     def validate(self) -> None:
