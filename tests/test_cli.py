@@ -13,7 +13,14 @@ import time
 import pytest
 
 import upcycle
-from tests.clitools import assert_one_line_error, refused, run_cli, subprocess_env, upcycle_subprocess
+from tests.clitools import (
+    assert_one_line_error,
+    enter_workdir,
+    refused,
+    run_cli,
+    subprocess_env,
+    upcycle_subprocess,
+)
 from upcycle import cli
 from upcycle.cli import COMMANDS
 
@@ -106,13 +113,23 @@ def test_argument_errors_name_flag_value_and_type(capsys, tmp_path, monkeypatch,
     refused(capsys, tmp_path, argv, *needles)
 
 
+#: A bad option value per command whose options are checked after parsing (by the command's ``check``).
+VALUE_ERRORS = [
+    ["evaluate", "m", "--task", "nli"],
+    ["analyze", "routing", "m", "--max-tokens", "0", "--out", "o"],
+    ["analyze", "training", "r", "--collapse-share", "2", "--out", "o"],
+    ["fertility", "--max-examples", "0", "--out", "o"],
+]
+
+
 def test_help_and_argument_errors_import_nothing_heavy(tmp_path):
     """The user's start-up paths, `python -m upcycle` and the console script `upcycle` (what pip writes):
-    parsing imports only the command's module, never torch or transformers."""
+    parsing, and checking option values, imports only the command's module, never torch or transformers."""
     script = tmp_path / "bin" / "upcycle"
     script.parent.mkdir()
     script.write_text("import sys\nfrom upcycle.cli import main\nsys.exit(main())\n")
     probes = [["--help"], [], ["convert", "--experts", "eight"]] + [[name, "--help"] for name in COMMANDS]
+    probes += VALUE_ERRORS
     for entry in (["-m", "upcycle"], [str(script)]):
         for argv in probes if entry[0] == "-m" else probes[:3]:
             result = subprocess.run(
@@ -124,6 +141,8 @@ def test_help_and_argument_errors_import_nothing_heavy(tmp_path):
                 timeout=120,
             )
             assert result.returncode in (0, 2), result.stderr[-2000:]
+            if argv in VALUE_ERRORS:
+                assert result.returncode == 2 and "is invalid" in result.stderr, result.stderr[-2000:]
             modules = {
                 line.split("|")[-1].strip()
                 for line in result.stderr.splitlines()
@@ -199,3 +218,47 @@ def test_a_plain_type_int_flag_of_a_command_is_explained(capsys, monkeypatch):
         run_cli(capsys, ["plain", "--steps", "ten"])[2], "--steps", "'ten'", "integer"
     )
     assert "Parser key" not in line
+
+
+@pytest.mark.parametrize(
+    "argv,field,expected",
+    [
+        (["evaluate", "a", "b", "--names", "x,y"], "names", ["x", "y"]),
+        (["evaluate", "a", "b", "--names", "x", "y"], "names", ["x", "y"]),
+        (["analyze", "routing", "a", "b", "--names", "x,y", "--out", "o"], "names", ["x", "y"]),
+        (["analyze", "routing", "a", "b", "--names", "x", "y", "--out", "o"], "names", ["x", "y"]),
+        (["analyze", "training", "a", "b", "--names", "x,y", "--out", "o"], "names", ["x", "y"]),
+        (["fertility", "--tokenizer", "gpt2", "gpt2-offline", "--names", "x,y", "--out", "o"], "names", ["x", "y"]),
+        (["fertility", "--text-fields", "premise,hypothesis", "--out", "o"], "text_fields", ["premise", "hypothesis"]),
+        (["fertility", "--text-fields", "premise", "hypothesis", "--out", "o"], "text_fields", ["premise", "hypothesis"]),
+        (["finetune", "--text-fields", "sentence1,sentence2", "--out", "o"], "text_field_list", ["sentence1", "sentence2"]),
+        (["evaluate", "a", "--text-fields", "sentence1,sentence2"], "text_field_list", ["sentence1", "sentence2"]),
+    ],
+)  # fmt: skip
+def test_list_flags_take_commas_or_spaces_in_every_command(argv, field, expected):
+    """`--names a,b` and `--text-fields premise,hypothesis` mean the same in every command (and the
+    space-separated form still works where a flag takes several values)."""
+    args = cli.command_parser(argv[0]).parse_args(argv[1:])
+    cfg = importlib.import_module(COMMANDS[argv[0]]).config_from_args(args)
+    assert getattr(cfg, field) == expected
+
+
+@pytest.mark.parametrize(
+    "argv,needles",
+    [
+        (["fertility", "--tokenizer", "dnese", "--out", "o"], ["--tokenizer='dnese'", "no local folder 'dnese'"]),
+        (["fertility", "--data", "nope/xnli", "--out", "o"], ["--data='nope/xnli'", "no local folder 'nope/xnli'"]),
+        (["evaluate", "m", "--data", "nope/xnli", "--out", "o"], ["--data='nope/xnli'", "no local folder"]),
+        (["evaluate", "m", "--out", "o"], ["--data='facebook/xnli'"]),
+        (["evaluate", "m", "--task", "lm", "--data", "nope/c4", "--out", "o"], ["--data='nope/c4'"]),
+        (["analyze", "routing", "m", "--data", "nope/xnli", "--out", "o"], ["--data='nope/xnli'"]),
+        (["analyze", "routing", "m", "--domain", "web=nope/c4", "--out", "o"], ["--domain='nope/c4'"]),
+    ],
+)  # fmt: skip
+def test_hub_names_fail_fast_when_the_hub_is_unreachable(capsys, tmp_path, monkeypatch, argv, needles):
+    """The one-line answer pretrain and finetune give (issue 11), from every command that reads a tokenizer
+    or a dataset by name, before any model or data is loaded."""
+    enter_workdir(tmp_path, monkeypatch)
+    (tmp_path / "m").mkdir()  # a model folder as far as the names are concerned (its weights are not read)
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "moe_gpt2", "moe_layers": [1]}')
+    refused(capsys, tmp_path, argv, *needles, "and the hub could not be reached")

@@ -275,6 +275,16 @@ def check_mapping(
     return {k: check_value(prefix + k, types_[k], v, source=source) for k, v in data.items()}
 
 
+def split_commas(values: str | list | tuple | None) -> list[str] | None:
+    """A list option given as ``a,b``, ``a b`` (flags) or ``[a, b]`` / ``a,b`` (YAML) → ``['a', 'b']``: every
+    command accepts both spellings (issue 11). Applied where commands read flags and YAML, not in the
+    configs themselves: names that ``upcycle run`` generates may hold commas. None stays None."""
+    if values is None:
+        return None
+    items = [values] if isinstance(values, str) else list(values)
+    return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+
+
 def check_literals(obj: Any) -> None:
     """Raise ConfigError for any Literal-typed field whose value is not one of the allowed ones."""
     hints = typing.get_type_hints(type(obj))
@@ -355,6 +365,12 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if bad:
         raise ConfigError("config", shown, f"keys must be option names; got {bad[0]!r}")
     return data
+
+
+def read_yaml_layer(path: str | os.PathLike, cls: type) -> dict[str, Any]:
+    """A command's YAML file (``--config``, a run's saved config.yaml) as a layer of ``cls``'s options:
+    every key known, every value of its field's type, errors naming the file (issue 11)."""
+    return check_mapping(normalise_keys(load_yaml(path)), field_types(cls), source=str(path))
 
 
 def dump_yaml(data: dict[str, Any], path: str | Path) -> None:

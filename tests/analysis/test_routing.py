@@ -182,6 +182,35 @@ def test_dense_model_error_points_to_fertility(dense_dir, tmp_path, capsys):
     assert rc == 2 and "upcycle fertility" in err
 
 
+@pytest.fixture(scope="module")
+def llama_moe_dir(tmp_path_factory):
+    """A tiny upcycled Llama: the kind `upcycle export` writes as Mixtral or Qwen2-MoE."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("llama")
+    llama = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=256, max_position_embeddings=64)  # fmt: skip
+    LlamaForCausalLM(llama).save_pretrained(root / "llama")
+    args = ["convert", "--model", str(root / "llama"), "--method", "naive", "--layers", "all", "--out"]
+    assert main([*args, str(root / "moe")]) == 0
+    return str(root / "moe")
+
+
+@pytest.mark.parametrize("fmt", ["mixtral", "qwen2_moe"])
+def test_native_moe_export_is_named_as_such(fmt, llama_moe_dir, tmp_path, capsys):
+    """A native Mixtral / Qwen2-MoE export (what `upcycle export` writes and finetune trains) has MoE
+    layers; the error says why its routing is not read and what can be analysed instead."""
+    native = tmp_path / "native"
+    assert main(["export", llama_moe_dir, "--format", fmt, "--out", str(native)]) == 0
+    capsys.readouterr()
+    rc, err = run_cli(["analyze", "routing", str(native), "--out", str(tmp_path / "o")], capsys)
+    name = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE"}[fmt]
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert f"is a native {name} checkpoint, whose routing this command cannot read" in err
+    assert "analyse the upcycle checkpoint it was exported from" in err and "no MoE layers" not in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_config_validation_names_the_field():
     with pytest.raises(ConfigError) as err:
         RoutingAnalysisConfig(models=["m"], group_by="topic", out="o")

@@ -71,6 +71,33 @@ def test_table_equals_a_hand_computation(classifiers, xnli_dir, tmp_path, capsys
     assert "| model | en | th | zh | average |" in printed
 
 
+def test_xnli_columns_follow_the_report_order_whatever_the_languages_order(classifiers, xnli_dir, tmp_path):
+    """Issue 12: columns are the report's languages in its order (en ar … zh), as in its Tables 2 and 3."""
+    out = tmp_path / "results"
+    args = ["evaluate", classifiers["dense"], "--data", str(xnli_dir), "--languages", "zh,fr,en,ar",
+            "--limit", "2", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["best"]["accuracy"]) == list(results["best"]["n"]) == ["en", "ar", "fr", "zh"]
+    assert (out / "results.csv").read_text().splitlines()[0] == "model,en,ar,fr,zh,average"
+    assert "| model | en | ar | fr | zh | average |" in (out / "results.md").read_text()
+
+
+def test_yaml_config_errors_name_the_file(classifiers, tmp_path, capsys):
+    """An unknown or mistyped key of --config is reported as the file's key (issue 11), not as a flag."""
+    config = tmp_path / "eval.yaml"
+    args = ["evaluate", classifiers["dense"], "--config", str(config), "--out", str(tmp_path / "r")]
+    for text, message in (
+        ("bach_size: 8\n", "bach_size=8 is invalid: unknown field (did you mean batch_size?)"),
+        ("limit: some\n", "limit='some' is invalid: expected an integer"),
+    ):
+        config.write_text(text)
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {config}: {message}") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()
+
+
 def test_same_model_twice_is_named_apart_and_never_significant(classifiers, xnli_dir, tmp_path):
     out = tmp_path / "results"
     args = ["evaluate", classifiers["dense"], classifiers["dense"], "--data", str(xnli_dir),

@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from upcycle.cli import main
+from upcycle.config import ConfigError
 from upcycle.data.tokenizers import gpt2_tokenizer_offline
 from upcycle.data.xnli import load_split
 from upcycle.evaluation.config import EvaluateConfig
@@ -140,4 +141,31 @@ def test_bad_lm_eval_input(tiny_lms, xnli_dir, tmp_path, capsys):
     assert "--languages='xx' is invalid: unknown language" in capsys.readouterr().err
     assert main([*base, "--task", "lm-eval:"]) == 2
     assert "name an lm-eval task after the colon" in capsys.readouterr().err
+    # lm-eval's tasks name their own split: a --split is refused rather than silently ignored.
+    assert main([*base, "--task", "lm-eval:xnli", "--data", str(xnli_dir), "--split", "test"]) == 2
+    assert "--split='test' is invalid: lm-eval tasks score the split their definition names" in (
+        capsys.readouterr().err
+    )
     assert not (tmp_path / "r").exists()
+
+
+def test_the_hub_id_of_xnli_as_data_is_lm_evals_own_xnli(tmp_path, monkeypatch):
+    """`--task lm-eval:xnli --data facebook/xnli` (the xnli task's default data) runs lm-eval's built-in
+    xnli tasks, which read that hub repository themselves; another hub id is still refused."""
+    import lm_eval.tasks
+
+    from upcycle.evaluation.harness import task_plan
+
+    built = []
+
+    class RecordingTaskManager:  # lm-eval's real index of built-in tasks takes ~15 s to build
+        def __init__(self, include_path=None, include_defaults=True):
+            built.append((include_path, include_defaults))
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", RecordingTaskManager)
+    cfg = EvaluateConfig(models=["m"], task="lm-eval:xnli", data="facebook/xnli", languages="fr,en", out="o")
+    manager, tasks = task_plan(cfg, tmp_path)
+    assert tasks == ["xnli_fr", "xnli_en"] and built == [(None, True)] and not list(tmp_path.iterdir())
+    with pytest.raises(ConfigError) as err:
+        task_plan(EvaluateConfig(models=["m"], task="lm-eval:xnli", data="other/xnli", out="o"), tmp_path)
+    assert err.value.field == "data"

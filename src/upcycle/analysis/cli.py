@@ -12,9 +12,11 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 from upcycle.analysis.config import RoutingAnalysisConfig, TrainingAnalysisConfig
-from upcycle.config import ConfigError, add_dataclass_flags
+from upcycle.config import ConfigError, UserError, add_dataclass_flags, split_commas
 
 HELP = "routing per language / label / domain and layer, or training curves and expert activation of runs"
 
@@ -59,7 +61,48 @@ def config_from_args(args) -> RoutingAnalysisConfig | TrainingAnalysisConfig:
             raise ConfigError(name, ns[name], f"applies to 'upcycle analyze {_other(what)}' only")
     fields = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in ns.items() if k in fields and v is not None}
+    if "names" in values:  # --names a b, or --names a,b (as in every command)
+        values["names"] = split_commas(values["names"])
     return cls(**{own: list(inputs)}, **values)
+
+
+def check(args) -> RoutingAnalysisConfig | TrainingAnalysisConfig:
+    """The options, the output folder and the model and data names, checked before torch is imported
+    (issue 11); the models' configs are read in ``run``."""
+    from upcycle.io import check_output_dir
+
+    cfg = config_from_args(args)
+    check_output_dir(cfg.out, cfg.overwrite)
+    if isinstance(cfg, RoutingAnalysisConfig):
+        check_routing_names(cfg)
+    return cfg
+
+
+def check_routing_names(cfg: RoutingAnalysisConfig) -> None:
+    """Model folders (that they have MoE layers) or hub ids, XNLI language codes, and hub dataset names
+    while the hub is unreachable."""
+    from upcycle.analysis.routing import routing_problem
+    from upcycle.analysis.routing_data import languages_of, parse_domain
+    from upcycle.data.sources import resolve_source
+    from upcycle.models.loading import check_dataset_name, model_source
+
+    for name in cfg.models:
+        source = Path(model_source(name, flag="models"))
+        try:
+            config = json.loads((source / "config.json").read_text())
+        except (OSError, ValueError):  # a hub id, or an unreadable file: run() reports it
+            continue
+        problem = routing_problem(name, config) if isinstance(config, dict) else None
+        if problem is not None:
+            raise UserError(problem)
+    if cfg.group_by != "domain":
+        languages_of(cfg.data, cfg.languages)
+        check_dataset_name(cfg.data)
+        return
+    for spec in cfg.domain or []:
+        _, source, config = parse_domain(spec)
+        if not resolve_source(source, config, cfg.split, cfg.text_field, field="domain").is_local:
+            check_dataset_name(source, flag="domain", local="file or folder")
 
 
 def _other(what: str) -> str:

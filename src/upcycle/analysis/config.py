@@ -58,8 +58,8 @@ class RoutingAnalysisConfig:
     dtype: DType = "float32"
     """Model weights' dtype for the forward passes (routers compute in float32 whatever this is)."""
     names: list[str] | None = None
-    """Names of the models (routing) or runs (training) in the outputs, in order (default: folder or hub
-    names)."""
+    """Names of the models (routing) or runs (training) in the outputs, in order, space- or
+    comma-separated (default: folder or hub names)."""
     choice: Choice = "topk"
     """Counts the figures draw: every top-k choice ('topk', fractions sum to k per group) or the top-1
     choice ('top1'). routing.json always holds both."""
@@ -103,7 +103,7 @@ class TrainingAnalysisConfig:
     runs: list[str] = field(default_factory=list)
     """Run folders of ``upcycle pretrain`` or ``upcycle finetune`` (each with a metrics.jsonl)."""
     names: list[str] | None = None
-    """Names of the runs in the outputs, in order (default: folder names)."""
+    """Names of the runs in the outputs, in order, space- or comma-separated (default: folder names)."""
     collapse_share: float = 0.1
     """An expert has collapsed where its share of the layer's assignments stays below this fraction of an
     even share 1/E (Fan et al. 2024's expert collapse)."""
@@ -142,7 +142,8 @@ class FertilityConfig:
     split: str = "test"
     """Split to count on."""
     text_fields: list[str] = field(default_factory=lambda: ["premise", "hypothesis"])
-    """Columns whose text is counted (each encoded on its own, as the fine-tuning input encodes them)."""
+    """Columns whose text is counted, space- or comma-separated (each encoded on its own, as the
+    fine-tuning input encodes them)."""
     words: Words = "whitespace"
     """What a word is: 'whitespace' (runs between spaces, as the founding report's Table 1; Thai and
     Chinese 'words' are then whole phrases), 'unicode' (Unicode default word boundaries, UAX #29: each
@@ -153,7 +154,7 @@ class FertilityConfig:
     max_examples: int | None = None
     """Examples per language (default: all)."""
     names: list[str] | None = None
-    """Names of the tokenizers in the outputs, in order (default: as given)."""
+    """Names of the tokenizers in the outputs, in order, space- or comma-separated (default: as given)."""
     out: str | None = None
     """Output folder: fertility.json, fertility.csv, fertility.md and the bar chart (PNG and SVG)."""
     overwrite: bool = False

@@ -12,7 +12,7 @@ Examples:
 from __future__ import annotations
 
 from upcycle.analysis.config import FertilityConfig
-from upcycle.config import add_dataclass_flags
+from upcycle.config import add_dataclass_flags, split_commas
 
 HELP = "tokenizer fertility per language: tokens per word, words split, tokenisation premium vs English"
 
@@ -23,9 +23,25 @@ def add_arguments(parser) -> None:
 
 def config_from_args(args) -> FertilityConfig:
     ns = dict(vars(args)) if not isinstance(args, dict) else dict(args)
-    return FertilityConfig(
-        **{k: v for k, v in ns.items() if k in FertilityConfig.__dataclass_fields__ and v is not None}
-    )
+    values = {k: v for k, v in ns.items() if k in FertilityConfig.__dataclass_fields__ and v is not None}
+    for name in ("names", "text_fields"):  # space- or comma-separated, as in every command
+        if name in values:
+            values[name] = split_commas(values[name])
+    return FertilityConfig(**values)
+
+
+def check(args) -> FertilityConfig:
+    """The options, the output folder and the tokenizer and data names, checked before torch is imported
+    (issue 11): a mistyped name fails at once while the hub is unreachable."""
+    from upcycle.io import check_output_dir
+    from upcycle.models.loading import check_dataset_name, check_tokenizer_name
+
+    cfg = config_from_args(args)
+    check_output_dir(cfg.out, cfg.overwrite)
+    for name in cfg.tokenizer:
+        check_tokenizer_name(name)
+    check_dataset_name(cfg.data)
+    return cfg
 
 
 def run(args) -> int:

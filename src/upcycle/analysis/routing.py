@@ -52,6 +52,8 @@ FORMAT = "upcycle-routing/1"
 #: Default sequence length of XNLI pairs: the fine-tuning input's.
 XNLI_MAX_LENGTH = 128
 DOCUMENT_MAX_LENGTH = 1024
+#: model_type → name of the native MoE checkpoints ``upcycle export`` writes.
+NATIVE_NAMES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE"}
 
 
 @dataclass
@@ -78,16 +80,32 @@ def check_model(name: str, display: str):
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read the model config of '{name}': {first_line(exc)}") from exc
-    if not getattr(config, "moe_layers", None):
-        raise UserError(
-            f"'{name}' ({config.model_type}) has no MoE layers, so there is no routing to analyse; "
-            "give an upcycled checkpoint (tokenizer fertility works for any model: upcycle fertility)"
-        )
+    problem = routing_problem(name, config.to_dict())
+    if problem is not None:
+        raise UserError(problem)
     if moe_config_of(config).router_mode == "fixed":
         raise UserError(f"'{name}' routes by a given label (router_mode 'fixed'): its routing is not learned")
     archs = list(getattr(config, "architectures", None) or [])
     head = "sequence_classification" if any("ForSequenceClassification" in a for a in archs) else "causal_lm"
     return RoutedModel(display, source, config, head)
+
+
+def routing_problem(name: str, config: dict) -> str | None:
+    """Why a model has no routing this command can read, from its config.json fields; None if it has."""
+    if config.get("moe_layers"):
+        return None
+    model_type = config.get("model_type")
+    if model_type in NATIVE_NAMES:
+        # Mixtral's and Qwen2-MoE's own MoE blocks, which the routing hooks do not read (finetune trains
+        # them, issue 12); the upcycle checkpoint an export came from holds the same routers in our layers.
+        return (
+            f"'{name}' is a native {NATIVE_NAMES[model_type]} checkpoint, whose routing this command cannot "
+            "read; analyse the upcycle checkpoint it was exported from"
+        )
+    return (
+        f"'{name}' ({model_type}) has no MoE layers, so there is no routing to analyse; give an upcycled "
+        "checkpoint (tokenizer fertility works for any model: upcycle fertility)"
+    )
 
 
 def model_names(models: list[str], names: list[str] | None) -> list[str]:

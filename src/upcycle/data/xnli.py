@@ -79,6 +79,14 @@ def parse_languages(
     return items
 
 
+def report_order(languages: Sequence[str]) -> list[str]:
+    """XNLI languages in the founding report's order (en ar bg … zh, its Tables 2 and 3: issue 12),
+    whatever order they were listed in; anything else in the order given."""
+    if all(lang in XNLI_LANGUAGES for lang in languages):
+        return [lang for lang in XNLI_LANGUAGES if lang in languages]
+    return list(languages)
+
+
 def is_local(data: str) -> bool:
     return looks_like_path(data)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from upcycle.config import ConfigError, add_dataclass_flags, load_yaml, merge_layers, normalise_keys
+from upcycle.config import ConfigError, add_dataclass_flags, merge_layers, read_yaml_layer, split_commas
 from upcycle.evaluation.config import EvaluateConfig
 
 HELP = "evaluate models: the XNLI table over 15 languages, held-out perplexity, or lm-eval tasks"
@@ -41,25 +41,47 @@ def config_from_args(args) -> EvaluateConfig:
     ns = dict(vars(args)) if not isinstance(args, dict) else dict(args)
     yaml_path = ns.pop("config", None)
     flags = {k: v for k, v in ns.items() if k in EvaluateConfig.__dataclass_fields__}
-    yaml_layer = normalise_keys(load_yaml(yaml_path)) if yaml_path else {}
+    yaml_layer = read_yaml_layer(yaml_path, EvaluateConfig) if yaml_path else {}
     merged = merge_layers(yaml_layer, flags)
-    if isinstance(merged.get("names"), list):  # --names a b, or --names a,b
-        merged["names"] = [n.strip() for item in merged["names"] for n in str(item).split(",") if n.strip()]
+    if "names" in merged:  # --names a b, or --names a,b (as in every command)
+        merged["names"] = split_commas(merged["names"])
     return EvaluateConfig.from_dict(merged)
 
 
-def evaluate(cfg: EvaluateConfig) -> dict:
-    """Run the evaluation ``cfg`` describes and write its results folder; returns results.json's dict."""
-    from upcycle.evaluation.results import add_paired_tests, model_names, write_results
-    from upcycle.evaluation.tasks import resolve_device
+def preflight(cfg: EvaluateConfig) -> None:
+    """What can be checked without torch: the values a run needs, the results folder, model names, XNLI
+    language codes and a hub dataset name (a mistyped one fails now, not after the models load)."""
+    from upcycle.data.sources import resolve_source
+    from upcycle.data.xnli import XNLI_LANGUAGES, parse_languages
     from upcycle.io import check_output_dir
-    from upcycle.models.loading import model_source
+    from upcycle.models.loading import check_dataset_name, model_source
 
     cfg.validate()
     cfg.check_runnable()
     check_output_dir(cfg.out, cfg.overwrite)  # before hours of evaluation, not after
     for path in cfg.models:
         model_source(path, flag="models")  # a mistyped folder fails before any data is read
+    if cfg.task == "xnli" or cfg.lm_eval_task == "xnli":
+        parse_languages(cfg.languages, field="languages", allowed=XNLI_LANGUAGES)
+    if cfg.task == "lm":
+        resolve_source(cfg.data, cfg.data_config, cfg.resolved_split, cfg.text_field_list[0], field="data")
+    if cfg.resolved_data is not None:
+        check_dataset_name(cfg.resolved_data)
+
+
+def check(args) -> EvaluateConfig:
+    """The resolved options and the names they point to, checked before torch is imported (issue 11)."""
+    cfg = config_from_args(args)
+    preflight(cfg)
+    return cfg
+
+
+def evaluate(cfg: EvaluateConfig) -> dict:
+    """Run the evaluation ``cfg`` describes and write its results folder; returns results.json's dict."""
+    from upcycle.evaluation.results import add_paired_tests, model_names, write_results
+    from upcycle.evaluation.tasks import resolve_device
+
+    preflight(cfg)
     resolve_device(cfg.device)
     names = model_names(cfg.models, cfg.names)
     baseline = cfg.baseline if cfg.baseline is not None else names[0]
@@ -111,7 +133,7 @@ def run(args) -> int:
     from upcycle.evaluation.results import render_markdown
 
     cfg = config_from_args(args)
-    results = evaluate(cfg)
+    results = evaluate(cfg)  # checks again what check() did: evaluate() is also the Python entry point
     print(render_markdown(results, intervals=False).rstrip())
     print(f"wrote {cfg.out}/results.json, results.csv, results.md")
     return 0

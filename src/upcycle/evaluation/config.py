@@ -35,17 +35,19 @@ class EvaluateConfig:
     data: str | None = None
     """Dataset: hub id or local folder laid out like the hub repository (default facebook/xnli for xnli);
     for lm a text source (hub id, or local JSON lines / Parquet / text); for lm-eval:xnli a local
-    XNLI-layout folder replaces the hub data (other lm-eval tasks read their own)."""
+    XNLI-layout folder replaces the hub data (facebook/xnli, or no --data: lm-eval reads the hub; other
+    lm-eval tasks read their own)."""
     data_config: str | None = None
     """Hub configuration of --data for --task lm (default 'en' for allenai/c4)."""
     languages: str = "all"
     """'all' or comma-separated language codes (xnli: en ar bg de el es fr hi ru sw th tr ur vi zh);
     for classification the dataset's configuration names ('none' for a dataset without any)."""
     split: str | None = None
-    """Split to evaluate: default test for xnli/classification, validation for lm (lm-eval tasks
-    choose their own)."""
+    """Split to evaluate: default test for xnli/classification, validation for lm. Refused with lm-eval
+    tasks, which score the split their definition names (lm-eval:xnli: validation)."""
     names: list[str] | None = None
-    """Names of the models in the tables, one per model (default: their folder names, made unique)."""
+    """Names of the models in the tables, one per model, space- or comma-separated (default: their folder
+    names, made unique)."""
     tokenizer: str | None = None
     """Tokenizer hub id or folder; default: each model's own (GPT-2's, built offline, for GPT-2 models
     without tokenizer files)."""
@@ -97,6 +99,13 @@ class EvaluateConfig:
             )
         if self.is_lm_eval and not self.lm_eval_task:
             raise ConfigError("task", self.task, "name an lm-eval task after the colon, e.g. lm-eval:xnli")
+        if self.is_lm_eval and self.split is not None:
+            raise ConfigError(
+                "split",
+                self.split,
+                "lm-eval tasks score the split their definition names (lm-eval:xnli: validation); "
+                "leave --split out",
+            )
         for name in ("max_length", "batch_size"):
             _positive_int(name, getattr(self, name))
         for name in ("seq_len", "limit"):

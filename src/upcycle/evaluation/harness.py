@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from upcycle.config import ConfigError, UserError
-from upcycle.data.xnli import XNLI_LANGUAGES
+from upcycle.data.xnli import XNLI_HUB, report_order
 from upcycle.evaluation.config import EvaluateConfig
 
 
@@ -99,16 +99,19 @@ def task_plan(cfg: EvaluateConfig, tmp: Path):
 
     name = cfg.lm_eval_task
     include = [str(Path(cfg.lm_eval_include).expanduser())] if cfg.lm_eval_include else []
-    if cfg.data is not None:
-        if name != "xnli" or not is_local(cfg.data):
+    # --data facebook/xnli (the xnli task's default data) is what lm-eval's xnli reads from the hub anyway.
+    data = None if name == "xnli" and cfg.data == XNLI_HUB else cfg.data
+    if data is not None:
+        if name != "xnli" or not is_local(data):
             raise ConfigError(
                 "data",
                 cfg.data,
-                "with lm-eval tasks only a local XNLI-layout folder for lm-eval:xnli is allowed; other tasks "
-                "read their own data (give their task YAMLs with --lm-eval-include)",
+                "with lm-eval tasks only a local XNLI-layout folder for lm-eval:xnli is allowed (or "
+                f"{XNLI_HUB}, which lm-eval reads itself); other tasks read their own data (give their task "
+                "YAMLs with --lm-eval-include)",
             )
         languages = parse_languages(cfg.languages, field="languages")
-        tasks = write_local_xnli_tasks(cfg.data, languages, tmp)
+        tasks = write_local_xnli_tasks(data, languages, tmp)
         # Only our copies are needed: skipping the built-in index saves indexing thousands of YAMLs.
         return TaskManager(include_path=[*include, str(tmp)], include_defaults=False), tasks
     if include:
@@ -131,13 +134,6 @@ def task_plan(cfg: EvaluateConfig, tmp: Path):
 def column_of(task: str, group: str) -> str:
     """xnli_fr → fr (the subtask's name without its group prefix)."""
     return task[len(group) + 1 :] if task.startswith(group + "_") else task
-
-
-def ordered(columns: Sequence[str]) -> list[str]:
-    """XNLI languages in the founding report's order; anything else in the order given."""
-    if all(c in XNLI_LANGUAGES for c in columns):
-        return [lang for lang in XNLI_LANGUAGES if lang in columns]
-    return list(columns)
 
 
 def run_harness(model, tokenizer, cfg: EvaluateConfig, manager, tasks: list[str], device) -> dict:
@@ -180,7 +176,7 @@ def scores_of(out: dict, group: str) -> tuple[dict[str, np.ndarray], dict[str, d
     per_task = {t: r for t, r in out["results"].items() if t in out.get("samples", {})}
     columns = {column_of(t, group): t for t in per_task}
     scores, summary = {}, {}
-    for col in ordered(list(columns)):
+    for col in report_order(list(columns)):
         task = columns[col]
         metric = metric_of(per_task[task])
         key = next(k for k in per_task[task] if k.split(",")[0] == metric)

@@ -8,10 +8,10 @@ every model but the baseline ``paired`` {``baseline``, ``test``, ``languages``: 
 :class:`~upcycle.evaluation.significance.PairedResult`}}. For ``--task lm``: ``path``, ``task``,
 ``loss``, ``perplexity``, ``accuracy``, ``tokens``.
 
-``results.csv`` and ``results.md``: one row per model, one column per language in the order evaluated
-(for ``--languages all``, the founding report's order en ar bg de el es fr hi ru sw th tr ur vi zh) and
-the average, accuracies in percent like the report's Tables 2 and 3. The Markdown table marks a
-language where a model differs from the baseline (exact McNemar test, Holm-adjusted over the
+``results.csv`` and ``results.md``: one row per model, one column per language (XNLI's in the founding
+report's order en ar bg de el es fr hi ru sw th tr ur vi zh whatever ``--languages`` lists, others in the
+order given) and the average, accuracies in percent like the report's Tables 2 and 3. The Markdown table
+marks a language where a model differs from the baseline (exact McNemar test, Holm-adjusted over the
 languages: ``*`` p < 0.05, ``**`` p < 0.01) and lists the 95 % intervals below it.
 """
 

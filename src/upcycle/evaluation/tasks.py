@@ -143,12 +143,14 @@ def load_for_classification(path: str, dataset_labels, progress: Progress):
 def classification_models(cfg: EvaluateConfig, names: list[str]) -> tuple[dict, dict]:
     """Each model on each language: ({name: entry}, {name: {language: correct flags}})."""
     from upcycle.data.tokenizers import load_tokenizer
-    from upcycle.data.xnli import XNLI_LANGUAGES, parse_languages
+    from upcycle.data.xnli import XNLI_LANGUAGES, parse_languages, report_order
     from upcycle.evaluation.classify import evaluate_classifier, load_languages
     from upcycle.evaluation.results import accuracy_entry
 
     allowed = XNLI_LANGUAGES if cfg.task == "xnli" else None
     languages = parse_languages(cfg.languages, field="languages", allowed=allowed)
+    if cfg.task == "xnli":  # the report's column order whatever --languages lists (issue 12)
+        languages = report_order(languages)
     data, dataset_labels = load_languages(cfg, languages)
     device = resolve_device(cfg.device)
     progress = Progress(cfg.progress)

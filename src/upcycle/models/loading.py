@@ -109,6 +109,24 @@ def check_hub_name(
         raise ConfigError(flag, name, f"no local {local} '{name}', and the hub could not be reached ({why})")
 
 
+def check_tokenizer_name(name: str, *, flag: str = "tokenizer") -> None:
+    """A tokenizer name is GPT-2's (built offline), a local folder, or a reachable (or cached) hub id."""
+    from upcycle.data.tokenizers import GPT2_TOKENIZER_NAMES, TOKENIZER_FILES
+
+    if name in GPT2_TOKENIZER_NAMES or expand_path(name).is_dir():
+        return
+    if looks_like_path(name):
+        raise ConfigError(flag, name, "no such folder")
+    check_hub_name(name, flag=flag, filenames=TOKENIZER_FILES)
+
+
+def check_dataset_name(name: str, *, flag: str = "data", local: str = "folder") -> None:
+    """A dataset name that is not a path must be a reachable (or cached) hub dataset; local names are
+    checked where they are read (their folders, files and columns)."""
+    if not looks_like_path(name):
+        check_hub_name(name, flag=flag, filenames=("README.md",), repo_type="dataset", local=local)
+
+
 def check_weight_files(folder: str | os.PathLike) -> None:
     """Read the header of every ``*.safetensors`` file in ``folder`` (cheap: no tensor is loaded); a
     truncated or corrupt file is a one-line error naming it."""

@@ -16,15 +16,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from upcycle.config import (
-    ConfigError,
-    add_dataclass_flags,
-    check_mapping,
-    field_types,
-    load_yaml,
-    merge_layers,
-    normalise_keys,
-)
+from upcycle.config import ConfigError, add_dataclass_flags, merge_layers, read_yaml_layer
 from upcycle.io import expand_path
 from upcycle.training.config import PretrainConfig
 
@@ -54,7 +46,7 @@ def add_arguments(parser) -> None:
 
 def _read_layer(path, cls=PretrainConfig) -> dict:
     """A YAML layer (a --config file or a run's config.yaml): every key known, every value typed."""
-    return check_mapping(normalise_keys(load_yaml(path)), field_types(cls), source=str(path))
+    return read_yaml_layer(path, cls)
 
 
 def _expand_paths(values: dict) -> dict:
@@ -87,9 +79,7 @@ def config_from_args(args, cls=PretrainConfig, command: str = "pretrain"):
 def preflight_model_and_out(cfg) -> None:
     """The checks pretrain and finetune share: --out is not a file; the model (unless the run resumes)
     and the tokenizer name something that exists, with readable weights (issue 11)."""
-    from upcycle.data.tokenizers import GPT2_TOKENIZER_NAMES, TOKENIZER_FILES
-    from upcycle.io import looks_like_path
-    from upcycle.models.loading import check_hub_name, model_source
+    from upcycle.models.loading import check_tokenizer_name, model_source
     from upcycle.models.presets import PRESETS
 
     out = expand_path(cfg.out)
@@ -99,11 +89,8 @@ def preflight_model_and_out(cfg) -> None:
     resuming = cfg.resume and checkpoints.is_dir() and any(checkpoints.iterdir())
     if not resuming and cfg.model not in PRESETS:
         model_source(cfg.model, flag="model", check_weights=True)
-    tok = cfg.tokenizer
-    if tok and tok not in GPT2_TOKENIZER_NAMES and not expand_path(tok).is_dir():
-        if looks_like_path(tok):
-            raise ConfigError("tokenizer", tok, "no such folder")
-        check_hub_name(tok, flag="tokenizer", filenames=TOKENIZER_FILES)
+    if cfg.tokenizer:
+        check_tokenizer_name(cfg.tokenizer)
 
 
 def preflight(cfg: PretrainConfig) -> None:

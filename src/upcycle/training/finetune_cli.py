@@ -49,17 +49,15 @@ def preflight(cfg: FinetuneConfig) -> None:
     (also what ``upcycle run`` checks before each fine-tuning it starts)."""
     from upcycle.data.xnli import is_local
     from upcycle.io import expand_path
-    from upcycle.models.loading import check_hub_name
+    from upcycle.models.loading import check_dataset_name
     from upcycle.training.cli import preflight_model_and_out
 
     cfg.check_runnable()
     preflight_model_and_out(cfg)
     resolve_languages(cfg)  # an unknown language or a missing language folder, before the hub is asked
-    if is_local(cfg.data):
-        if not expand_path(cfg.data).is_dir():
-            raise ConfigError("data", cfg.data, "no such folder")
-    else:
-        check_hub_name(cfg.data, flag="data", filenames=("README.md",), repo_type="dataset", local="folder")
+    if is_local(cfg.data) and not expand_path(cfg.data).is_dir():
+        raise ConfigError("data", cfg.data, "no such folder")
+    check_dataset_name(cfg.data)
 
 
 def run(args) -> int:
