@@ -344,26 +344,27 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "", source: st
     return cls(**values)
 
 
-def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML mapping (``~`` expanded); a missing or malformed file is a one-line error naming it."""
+def load_yaml(path: str | os.PathLike, field: str = "config") -> dict[str, Any]:
+    """Read a YAML mapping (``~`` expanded); a missing or malformed file is a one-line error naming it
+    and the argument it came from (``field``: ``config`` for ``--config``, ``EXPERIMENT`` for a positional)."""
     shown = str(path)
     path = Path(os.path.expanduser(str(path)))
     if not path.is_file():
-        raise ConfigError("config", shown, "no such file" if not path.exists() else "not a file")
+        raise ConfigError(field, shown, "no such file" if not path.exists() else "not a file")
     try:
         data = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
         problem = getattr(exc, "problem", None) or first_line(exc)
-        raise ConfigError("config", shown, f"not valid YAML{at}: {problem}") from None
+        raise ConfigError(field, shown, f"not valid YAML{at}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError("config", shown, "the YAML file must hold a mapping of keys to values")
+        raise ConfigError(field, shown, "the YAML file must hold a mapping of keys to values")
     bad = [k for k in data if not isinstance(k, str)]
     if bad:
-        raise ConfigError("config", shown, f"keys must be option names; got {bad[0]!r}")
+        raise ConfigError(field, shown, f"keys must be option names; got {bad[0]!r}")
     return data
 
 

@@ -96,6 +96,15 @@ def test_an_unknown_key_names_its_yaml_path_and_the_keys_allowed(capsys, tmp_pat
     assert "known fields are" in line and "max_length" in line
 
 
+def test_a_missing_or_malformed_experiment_file_names_the_positional_argument(capsys, tmp_path):
+    code, _, err = run_cli(capsys, ["run", tmp_path / "nope.yaml", "--out", tmp_path / "run"])
+    assert code == 2 and assert_one_line_error(err, "EXPERIMENT=", "nope.yaml", "no such file")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    code, _, err = run_cli(capsys, ["run", tmp_path / "list.yaml", "--out", tmp_path / "run"])
+    assert code == 2 and assert_one_line_error(err, "EXPERIMENT=", "must hold a mapping")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     ("edit", "needles"),
     [

@@ -136,7 +136,7 @@ def _set_path(raw: dict, path: str, value: Any) -> None:
 def load_experiment(path: str | os.PathLike, out: str | None = None) -> Experiment:
     """Read and check an experiment YAML; every section is checked for every sweep point."""
     source = str(path)
-    raw = {k.replace("-", "_"): v for k, v in load_yaml(path).items()}
+    raw = {k.replace("-", "_"): v for k, v in load_yaml(path, field="EXPERIMENT").items()}
     top = check_mapping(raw, field_types(ExperimentFile), source=source)
     for name in ("seed", "specialists", "convert", "pretrain", "extend", "finetune", "evaluate", "report"):
         if name in top and top[name] is None:
