@@ -446,6 +446,21 @@ def flag_help(doc: str, default: Any) -> str:
     return text_
 
 
+def add_repeated_flags(parser, cls: type, names: tuple[str, ...]) -> None:
+    """Flags of list fields given as NAME=VALUE items, repeatable (``--expert law=dir --expert code=dir``)
+    or several at once; the help is the field's docstring."""
+    docs = field_docs(cls)
+    for name in names:
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            action="extend",
+            nargs="+",
+            default=None,
+            metavar="NAME=VALUE",
+            help=docs[name],
+        )
+
+
 def add_dataclass_flags(
     parser,
     cls: type,

@@ -37,15 +37,11 @@ def execute(task: Task, resume: bool) -> dict:
 
 def _xnli(task: Task, resume: bool) -> dict:
     from upcycle.data.synthetic import write_synthetic_xnli
-    from upcycle.data.xnli import XNLI_LANGUAGES, parse_languages
+    from upcycle.data.xnli import parse_languages
     from upcycle.io import atomic_output_dir
 
     cfg = task.config
-    languages = (
-        XNLI_LANGUAGES
-        if cfg.languages == "all"
-        else parse_languages(cfg.languages, field="data.xnli.languages")
-    )
+    languages = parse_languages(cfg.languages, field="data.xnli.languages")  # 'all': XNLI's 15
     sizes = {"train": cfg.train, "validation": cfg.validation, "test": cfg.test}
     with atomic_output_dir(task.out, overwrite=True) as tmp:
         write_synthetic_xnli(tmp, languages, sizes=sizes, seed=cfg.seed)
@@ -54,15 +50,11 @@ def _xnli(task: Task, resume: bool) -> dict:
 
 def _corpus(task: Task, resume: bool) -> dict:
     from upcycle.data.synthetic import write_multilingual_corpus
-    from upcycle.data.xnli import XNLI_LANGUAGES, parse_languages
+    from upcycle.data.xnli import parse_languages
     from upcycle.io import atomic_output_dir
 
     cfg = task.config
-    languages = (
-        XNLI_LANGUAGES
-        if cfg.languages == "all"
-        else parse_languages(cfg.languages, field="data.corpus.languages")
-    )
+    languages = parse_languages(cfg.languages, field="data.corpus.languages")  # 'all': XNLI's 15
     with atomic_output_dir(task.out, overwrite=True) as tmp:
         write_multilingual_corpus(tmp, languages, n_train=cfg.train, n_eval=cfg.eval, seed=cfg.seed)
     return {"documents": {"train": cfg.train, "eval": cfg.eval}}

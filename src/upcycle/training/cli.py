@@ -97,7 +97,7 @@ def preflight(cfg: PretrainConfig) -> None:
     """What can be checked before the run folder is touched: a mistyped model, tokenizer or data name, a
     truncated weights file, an empty data file, an --out that is a file (issue 11)."""
     from upcycle.data.sources import resolve_source
-    from upcycle.models.loading import check_hub_name
+    from upcycle.models.loading import check_dataset_name
 
     preflight_model_and_out(cfg)
     for field, name, split in (
@@ -109,9 +109,7 @@ def preflight(cfg: PretrainConfig) -> None:
         config = cfg.resolved_data_config if field == "data" else None
         spec = resolve_source(name, config, split, cfg.text_field, field=field)
         if not spec.is_local:
-            check_hub_name(
-                name, flag=field, filenames=("README.md",), repo_type="dataset", local="file or folder"
-            )
+            check_dataset_name(name, flag=field, local="file or folder")
 
 
 def check(args) -> PretrainConfig:

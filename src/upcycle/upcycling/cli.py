@@ -21,8 +21,8 @@ from typing import Any
 from upcycle.config import (
     ConfigError,
     add_dataclass_flags,
+    add_repeated_flags,
     check_mapping,
-    field_docs,
     field_types,
     load_yaml,
     merge_layers,
@@ -71,16 +71,7 @@ def add_arguments(parser) -> None:
         "--preset", default=None, choices=list(PRESETS), help="start from a named setting (listed below)"
     )
     add_dataclass_flags(parser, UpcycleConfig, skip=("moe", "preset", *REPEATED), defaults=SHOWN_DEFAULTS)
-    docs = field_docs(UpcycleConfig)
-    for name in REPEATED:
-        parser.add_argument(
-            "--" + name.replace("_", "-"),
-            action="extend",
-            nargs="+",
-            default=None,
-            metavar="NAME=VALUE",
-            help=docs[name],
-        )
+    add_repeated_flags(parser, UpcycleConfig, REPEATED)
     add_dataclass_flags(
         parser,
         MoEConfig,

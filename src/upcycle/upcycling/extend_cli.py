@@ -21,6 +21,7 @@ from __future__ import annotations
 from upcycle.config import (
     ConfigError,
     add_dataclass_flags,
+    add_repeated_flags,
     check_mapping,
     field_docs,
     field_types,
@@ -44,16 +45,7 @@ def add_arguments(parser) -> None:
         "--config", default=None, metavar="YAML", help="YAML file with any of the options below"
     )
     add_dataclass_flags(parser, ExtendConfig, skip=("model", *REPEATED))
-    docs = field_docs(ExtendConfig)
-    for name in REPEATED:
-        parser.add_argument(
-            "--" + name.replace("_", "-"),
-            action="extend",
-            nargs="+",
-            default=None,
-            metavar="NAME=VALUE",
-            help=docs[name],
-        )
+    add_repeated_flags(parser, ExtendConfig, REPEATED)
 
 
 def read_yaml(path: str) -> dict:
