@@ -27,6 +27,13 @@ percent. ``--malloc default`` keeps glibc's defaults.
     python benchmarks/moe_layer.py                         # CPU, float32, 4096 tokens (issue 2's targets)
     python benchmarks/moe_layer.py --device cuda --dtype bf16          # 4k, 16k and 64k tokens
     python benchmarks/moe_layer.py --tokens 16384 --family swiglu      # one token count, one family
+    python benchmarks/moe_layer.py --uneven                            # CPU: uneven slices (fine-tuning)
+
+``--uneven`` times the CPU expert schedule (``upcycle.moe.bank.schedule``) on uneven slices: GPT-2's 8
+experts on slice sizes recorded from ``benchmarks/finetune_eval.py``'s fine-tuning steps (32 pairs, about
+1,440 tokens, where the router sends most of a layer's tokens to one or two experts), forward+backward
+of the experts alone, each ÷ the dense MLP on the same rows: the loop (every expert with all threads),
+every expert on the worker pool, and ours (the largest slices with all threads, the rest on the pool).
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from upcycle.models.mapping import load_stacked_glu_experts
-from upcycle.moe import MoE, MoEConfig
+from upcycle.moe import MoE, MoEConfig, bank
 from upcycle.moe.experts import make_expert
 from upcycle.moe.paths import expert_path_set
 from upcycle.training.memory import keep_freed_memory
@@ -156,6 +163,9 @@ def parse_args() -> argparse.Namespace:
         "--routing", choices=["top1/8", "top2/8", "top1/32"], action="append", help="only these (repeatable)"
     )
     ap.add_argument(
+        "--uneven", action="store_true", help="CPU: time the expert schedule on uneven slices only"
+    )
+    ap.add_argument(
         "--malloc",
         choices=["heap", "keep", "default"],
         default="heap",
@@ -192,6 +202,67 @@ def hf_columns(args, family, D, F_, E, K, act, ours, x, grad, dtype) -> tuple[st
     return f"{eager:.2f}", f"{grouped:.2f}", f"{vs_eager:.2f}", f"{vs_grouped:.2f}"
 
 
+#: Slice sizes of GPT-2's 8 experts in one MoE layer, recorded in fine-tuning steps of 32 XNLI-length pairs
+#: (``benchmarks/finetune_eval.py``), from even to one expert taking nearly every token.
+UNEVEN_SIZES = (
+    (359, 338, 167, 18, 142, 67, 184, 197),
+    (64, 714, 27, 0, 128, 0, 34, 25),
+    (33, 19, 0, 510, 48, 59, 0, 3),
+    (560, 0, 0, 16, 28, 0, 18, 50),
+    (0, 0, 0, 0, 1091, 0, 318, 95),
+    (3, 4, 0, 976, 0, 9, 0, 0),
+    (0, 0, 0, 1455, 0, 49, 0, 0),
+)
+
+
+class Slices(nn.Module):
+    """Experts on fixed contiguous slices of the rows: ``loop`` one after another with all threads,
+    ``pool`` all on the worker pool, ``ours`` as :func:`upcycle.moe.bank.schedule` splits them."""
+
+    def __init__(self, experts: nn.ModuleList, sizes, how: str):
+        super().__init__()
+        self.experts, self.sizes, self.how = experts, list(sizes), how
+
+    def forward(self, x):
+        xs = x.view(-1, x.shape[-1])
+        if self.how == "loop":
+            return torch.cat([e(c) for e, c in zip(self.experts, xs.split(self.sizes))])
+        saved = bank.MAX_IMBALANCE
+        bank.MAX_IMBALANCE = float("inf") if self.how == "pool" else saved
+        try:
+            return bank.run_parallel(self.experts, xs, self.sizes, bank.cpu_expert_workers())
+        finally:
+            bank.MAX_IMBALANCE = saved
+
+
+def uneven_table(args) -> None:
+    """Forward+backward of GPT-2's 8 experts on each of :data:`UNEVEN_SIZES` ÷ the dense MLP on the same rows."""
+    D, F_ = 768, 3072
+    experts = MoE(
+        MoEConfig(hidden_size=D, intermediate_size=F_, num_experts=8, activation="gelu_new")
+    ).experts
+    dense = make_expert("mlp", D, F_, "gelu_new", True)
+    print(
+        f"uneven slices: GPT-2 experts (768/3072), {bank.cpu_expert_workers()} workers; ratios ÷ dense MLP on the same rows"
+    )
+    print(f"{'slice sizes':42} {'wide':>5} {'dense ms':>9} {'loop×':>6} {'pool×':>6} {'ours×':>6}")
+    for sizes in UNEVEN_SIZES:
+        x = torch.randn(1, sum(sizes), D, requires_grad=True)
+        grad = torch.randn_like(x)
+        candidates = {
+            "dense": dense,
+            **{how: Slices(experts, sizes, how) for how in ("loop", "pool", "ours")},
+        }
+        t = bench(candidates, x, grad, "cpu", args.rounds, args.warmup)
+        wide = len(bank.schedule(sizes, bank.cpu_expert_workers()).wide)
+        r = {how: paired_ratio(t, how, "dense") for how in ("loop", "pool", "ours")}
+        print(
+            f"{str(list(sizes)):42} {wide:>5} {median_ms(t, 'dense'):9.1f} {r['loop']:6.2f} {r['pool']:6.2f} "
+            f"{r['ours']:6.2f}",
+            flush=True,
+        )
+
+
 def main() -> None:
     args = parse_args()
     malloc = "default malloc"
@@ -201,6 +272,10 @@ def main() -> None:
         else:
             malloc = "default malloc (not glibc)"
     targets = TARGETS["cuda" if args.device.startswith("cuda") else "cpu"]
+    if args.uneven:
+        if args.device != "cpu":
+            raise SystemExit("--uneven times the CPU worker pool: use it with --device cpu")
+        return uneven_table(args)
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     torch.manual_seed(0)

@@ -200,15 +200,43 @@ def test_autocast_and_mixed_dtypes_keep_the_module_loop(spy):
     assert not spy
 
 
-def test_imbalanced_slices_keep_the_loop():
+def test_uneven_slices_run_their_largest_experts_with_all_threads():
     assert bank._imbalance([500, 500, 500, 500], 2) == pytest.approx(1.0)
     assert bank._imbalance([1000, 10, 10, 10], 2) > bank.MAX_IMBALANCE
+    assert bank.schedule([75, 75, 75, 75], 2) == bank.Schedule([], [0, 1, 2, 3])
+    # One expert takes most rows: it leaves the pool; the rest share the workers evenly.
+    # Experts without rows only write zero gradients: always with all threads.
+    assert bank.schedule([33, 19, 0, 510, 48, 59, 0, 3], 2) == bank.Schedule([3, 2, 6], [5, 4, 0, 1, 7])
+    assert bank.schedule([500, 0, 460, 0], 2) == bank.Schedule([1, 3], [0, 2])  # 524 vs 484 rows: even enough
+    assert bank.schedule([900, 280, 300, 0], 2) == bank.Schedule([0, 3], [2, 1])
+    assert bank.schedule([300, 0, 0, 0], 4) == bank.Schedule([0, 1, 2, 3], [])
     moe, x = pair(top_k=1, num_experts=4)
     with cpu_expert_workers_set(2):
-        assert bank.parallel_plan(moe.experts, x.view(-1, 32), [75, 75, 75, 75]) == 2
-        assert bank.parallel_plan(moe.experts, x.view(-1, 32), [300, 0, 0, 0]) == 0
+        assert bank.parallel_plan(moe.experts, x.view(-1, 32), [300, 0, 0, 0]) == 2
     with cpu_expert_workers_set(1):
         assert bank.parallel_plan(moe.experts, x.view(-1, 32), [75, 75, 75, 75]) == 0
+
+
+@pytest.mark.parametrize("expert_type", ["mlp", "glu"])
+def test_uneven_routing_equals_the_module_loop(expert_type, monkeypatch):
+    """Fine-tuning's uneven routing (one expert takes most tokens): wide and pooled experts together give
+    the module loop's outputs and gradients."""
+    plans = []
+    real = bank.schedule
+    monkeypatch.setattr(bank, "schedule", lambda *a: plans.append(real(*a)) or plans[-1])
+    moe, x = pair(T=600, top_k=1, num_experts=6, expert_type=expert_type)
+    x = x.clone()
+    x[..., 0] = x[..., 0].abs() + 1.0
+    with torch.no_grad():
+        moe.router.weight[0, 0] += 0.15  # expert 0 takes about 70 % of the tokens
+    y1, dx1, g1 = grads_of(moe, x, workers=1)
+    assert not plans
+    y2, dx2, g2 = grads_of(moe, x, workers=2)
+    assert plans and plans[0].wide and plans[0].narrow, plans
+    torch.testing.assert_close(y2, y1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dx2, dx1, atol=1e-5, rtol=1e-5)
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_caller_keeps_its_thread_count_and_workers_report_errors(spy, monkeypatch):

@@ -31,8 +31,8 @@ PROBE = textwrap.dedent(
 )
 
 
-def later_step_faults(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
+def later_step_faults(mode: str, probe: str = PROBE) -> int:
+    out = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, check=True)
     return int(out.stdout.split()[-1])
 
 
@@ -44,3 +44,11 @@ def test_freed_memory_is_reused_without_page_faults():
     # 90 MiB re-touched is ~23,000 faults of 4 KiB pages.
     assert default > 10_000, default
     assert tuned < default / 4, (tuned, default)
+
+
+def test_freeing_more_than_two_gib_at_once_keeps_the_memory():
+    """glibc's trim threshold is an int: at 2**31 - 1 a step that frees 2.25 GiB at the heap's top would
+    still hand it back (and fault it in again next step); -1 turns trimming off."""
+    probe = PROBE.replace("range(10)", "range(256)")  # 256 × 9 MiB = 2.25 GiB a step
+    tuned = min(later_step_faults("tuned", probe) for _ in range(2))
+    assert tuned < 10_000, tuned  # 2.25 GiB of 4 KiB pages is 589,824 faults a step

@@ -15,9 +15,11 @@ every step (measured: 100k+ faults a step at 32 GPT-2 experts).
 The layer takes this path only where it computes exactly what the module loop does
 (:func:`parallel_plan` lists the conditions): CPU tensors, more than one worker, our own expert
 classes with plain ``nn.Linear`` projections and no hooks (so PEFT adapters, parametrizations and
-analysis hooks see the ordinary ``expert(x)`` calls), no autocast, no ``torch.compile`` tracing, and
-slices that keep the workers evenly busy. Otherwise it runs the experts one after another, each with
-all threads. GPUs run the grouped path (upcycle.moe.grouped, upcycle.moe.paths).
+analysis hooks see the ordinary ``expert(x)`` calls), no autocast and no ``torch.compile`` tracing.
+Otherwise it runs the experts one after another, each with all threads. Uneven slices are split
+between the two (:func:`schedule`): the largest run first with all threads on the calling thread,
+until the rest keeps the workers evenly busy. GPUs run the grouped path (upcycle.moe.grouped,
+upcycle.moe.paths).
 
 Workers: as many as ``torch.get_num_threads()`` by default; :func:`set_cpu_expert_workers` or the
 environment variable ``UPCYCLE_CPU_EXPERT_WORKERS`` changes that (0 or 1 turns the path off). Starting
@@ -34,6 +36,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -41,12 +44,14 @@ from torch.autograd.function import once_differentiable
 
 from upcycle.moe.experts import ACTIVATION_BACKWARD, GLUExpert, MLPExpert
 
-#: A worker's makespan may exceed a perfect split by this factor before the loop with all threads on
-#: each expert is preferred (that loop loses about as much on small slices).
+#: A worker's makespan may exceed a perfect split by this factor before the largest slice leaves the
+#: pool and runs with all threads on the calling thread (splitting a small GEMM over the cores loses
+#: about as much).
 MAX_IMBALANCE = 1.15
-#: Fixed cost of one expert call in token rows (streaming its weights from memory), for the balance
-#: estimate: an empty or tiny slice still costs something.
-EXPERT_OVERHEAD_ROWS = 32
+#: Fixed cost of one expert call in token rows (streaming its weights in the forward and the backward),
+#: for the balance estimate. Measured on GPT-2's experts (2-core CPU, one thread): 16 rows cost as much
+#: as about 40.
+EXPERT_OVERHEAD_ROWS = 24
 
 _workers_setting: int | None = None
 _pools: dict[int, ThreadPoolExecutor] = {}
@@ -241,13 +246,37 @@ def parallel_plan(experts: Sequence[nn.Module], xs: torch.Tensor, sizes: Sequenc
     shapes = {(type(e), e.down_proj.in_features, e.down_proj.out_features) for e in experts}
     if len(shapes) > 1 or not xs.is_contiguous():
         return 0
-    if _imbalance(sizes, workers) > MAX_IMBALANCE:
-        return 0
     return workers
 
 
-def _run(pool: ThreadPoolExecutor, sizes: Sequence[int], job: Callable[[int], None]) -> None:
-    """``job(i)`` for every expert i on the pool, largest slice first; re-raises a worker's exception."""
+class Schedule(NamedTuple):
+    """Which experts run where: ``wide`` one after another on the calling thread with all its intra-op
+    threads, then ``narrow`` on the single-threaded workers, largest slice first."""
+
+    wide: list[int]
+    narrow: list[int]
+
+
+def schedule(sizes: Sequence[int], workers: int) -> Schedule:
+    """The largest slices leave the pool until the rest keeps the workers evenly busy.
+
+    Fine-tuning routes unevenly (one expert may take most of a small batch's tokens): on the pool that
+    expert would keep one core busy while the other idles, and the loop with all threads on each expert
+    splits every small GEMM over both cores. Here the big slices run with all threads (a GEMM of many rows
+    splits well) and the small ones side by side on the workers (measured in ``benchmarks/moe_layer.py
+    --uneven``). Experts without rows only write zero gradients, memory-bound work that all threads
+    share best: they run with all threads too.
+    """
+    order = [i for i in _lpt_order(sizes) if sizes[i]]
+    empty = [i for i in range(len(sizes)) if not sizes[i]]
+    for w in range(len(order) - 1):
+        if _imbalance([sizes[i] for i in order[w:]], workers) <= MAX_IMBALANCE:
+            return Schedule(order[:w] + empty, order[w:])
+    return Schedule(order + empty, [])
+
+
+def _run(pool: ThreadPoolExecutor, plan: Schedule, job: Callable[[int], None]) -> None:
+    """``job(i)`` for every expert i as ``plan`` says; re-raises a worker's exception."""
     inference = torch.is_inference_mode_enabled()
 
     def call(i: int) -> None:
@@ -255,11 +284,15 @@ def _run(pool: ThreadPoolExecutor, sizes: Sequence[int], job: Callable[[int], No
         with torch.inference_mode(inference), torch.no_grad():
             job(i)
 
-    for _ in pool.map(call, _lpt_order(sizes)):
+    for i in plan.wide:
+        call(i)
+    for _ in pool.map(call, plan.narrow):
         pass
 
 
-def _forward(experts, xs: torch.Tensor, sizes: list[int], pool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _forward(
+    experts, xs: torch.Tensor, sizes: list[int], pool, plan: Schedule
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """ys and the saved intermediates, all allocated here on the calling thread (see ``forward_into``)."""
     first = experts[0]
     N = xs.shape[0]
@@ -267,7 +300,7 @@ def _forward(experts, xs: torch.Tensor, sizes: list[int], pool) -> tuple[torch.T
     saved = [xs.new_empty(N, first.down_proj.in_features) for _ in range(first.num_saved)]
     xs_c, ys_c = xs.split(sizes), ys.split(sizes)
     saved_c = [t.split(sizes) for t in saved]
-    _run(pool, sizes, lambda i: experts[i].forward_into(xs_c[i], ys_c[i], tuple(c[i] for c in saved_c)))
+    _run(pool, plan, lambda i: experts[i].forward_into(xs_c[i], ys_c[i], tuple(c[i] for c in saved_c)))
     return ys, saved
 
 
@@ -280,9 +313,9 @@ class _ExpertBank(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xs, sizes, experts, pool, *params):
-        ys, saved = _forward(experts, xs, sizes, pool)
-        ctx.sizes, ctx.experts, ctx.pool, ctx.num_saved = sizes, experts, pool, len(saved)
+    def forward(ctx, xs, sizes, experts, pool, plan, *params):
+        ys, saved = _forward(experts, xs, sizes, pool, plan)
+        ctx.sizes, ctx.experts, ctx.pool, ctx.plan, ctx.num_saved = sizes, experts, pool, plan, len(saved)
         ctx.save_for_backward(xs, *saved, *params)
         return ys
 
@@ -292,7 +325,7 @@ class _ExpertBank(torch.autograd.Function):
         xs, *rest = ctx.saved_tensors  # raises if a saved tensor was modified in place since the forward
         saved, params = rest[: ctx.num_saved], iter(rest[ctx.num_saved :])
         sizes, experts = ctx.sizes, ctx.experts
-        needs = iter(ctx.needs_input_grad[4:])
+        needs = iter(ctx.needs_input_grad[5:])
         grads: list[torch.Tensor | None] = []
         buffers: list[dict[str, torch.Tensor]] = []
         weights: list[dict[str, torch.Tensor]] = []
@@ -312,21 +345,21 @@ class _ExpertBank(torch.autograd.Function):
         saved_c = [t.split(sizes) for t in saved]
         _run(
             ctx.pool,
-            sizes,
+            ctx.plan,
             lambda i: experts[i].backward_into(
                 xs_c[i], tuple(c[i] for c in saved_c), dys_c[i], dx_c[i], buffers[i], weights[i]
             ),
         )
-        return (dx, None, None, None, *grads)
+        return (dx, None, None, None, None, *grads)
 
 
 def run_parallel(
     experts: Sequence[nn.Module], xs: torch.Tensor, sizes: list[int], workers: int
 ) -> torch.Tensor:
     """The experts on their contiguous slices of ``xs`` (sizes in expert order) on ``workers`` CPU workers."""
-    pool = _pool(workers)
+    pool, plan = _pool(workers), schedule(sizes, workers)
     experts = list(experts)
     if not torch.is_grad_enabled():
-        return _forward(experts, xs, sizes, pool)[0]
+        return _forward(experts, xs, sizes, pool, plan)[0]
     params = [p for expert in experts for p in expert.parameters()]
-    return _ExpertBank.apply(xs, sizes, experts, pool, *params)
+    return _ExpertBank.apply(xs, sizes, experts, pool, plan, *params)

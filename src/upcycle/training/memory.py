@@ -28,8 +28,10 @@ M_MMAP_MAX = -4
 
 #: glibc accepts mmap thresholds up to HEAP_MAX_SIZE / 2 = 32 MiB on 64-bit systems.
 MMAP_THRESHOLD = 32 << 20
-#: Largest value mallopt's int takes: in practice "never trim the heap".
-TRIM_THRESHOLD = 2**31 - 1
+#: -1 turns trimming off altogether (mallopt(3)). The largest positive int (2 GiB) does not: once a step
+#: frees more than 2 GiB at the top of the heap (an MoE's gradients and activations do), glibc hands it
+#: back and the next step page-faults all of it again.
+TRIM_THRESHOLD = -1
 
 
 def _glibc():
