@@ -227,12 +227,13 @@ class Slices(nn.Module):
         xs = x.view(-1, x.shape[-1])
         if self.how == "loop":
             return torch.cat([e(c) for e, c in zip(self.experts, xs.split(self.sizes))])
-        saved = bank.MAX_IMBALANCE
-        bank.MAX_IMBALANCE = float("inf") if self.how == "pool" else saved
+        schedule = bank.schedule
+        if self.how == "pool":  # every expert, empty ones too, on the workers
+            bank.schedule = lambda sizes, workers: bank.Schedule([], bank._lpt_order(sizes))
         try:
             return bank.run_parallel(self.experts, xs, self.sizes, bank.cpu_expert_workers())
         finally:
-            bank.MAX_IMBALANCE = saved
+            bank.schedule = schedule
 
 
 def uneven_table(args) -> None:

@@ -24,12 +24,24 @@ from upcycle.moe import (
 from upcycle.moe import experts as experts_module
 
 
-@pytest.fixture
-def spy(monkeypatch):
-    """Count calls of the parallel path; any slice sizes count as balanced."""
+def _forced(where: str):
+    """A fixed bank.schedule: ``pool`` puts every expert on the workers; ``split`` alternates, largest slice
+    first, between the calling thread (all threads) and the workers, whatever the sizes."""
+
+    def plan(sizes, workers):
+        order = bank._lpt_order(sizes)
+        return bank.Schedule([], order) if where == "pool" else bank.Schedule(order[::2], order[1::2])
+
+    return plan
+
+
+@pytest.fixture(params=["pool", "split"])
+def spy(request, monkeypatch):
+    """Count calls of the parallel path, run with every expert on the workers, or with the experts split
+    between the calling thread and the workers (both of bank.schedule's groups in one layer)."""
     calls = []
     real = bank.run_parallel
-    monkeypatch.setattr(bank, "MAX_IMBALANCE", float("inf"))
+    monkeypatch.setattr(bank, "schedule", _forced(request.param))
     monkeypatch.setattr(bank, "run_parallel", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     return calls
 

@@ -50,5 +50,7 @@ def test_freeing_more_than_two_gib_at_once_keeps_the_memory():
     """glibc's trim threshold is an int: at 2**31 - 1 a step that frees 2.25 GiB at the heap's top would
     still hand it back (and fault it in again next step); -1 turns trimming off."""
     probe = PROBE.replace("range(10)", "range(256)")  # 256 × 9 MiB = 2.25 GiB a step
-    tuned = min(later_step_faults("tuned", probe) for _ in range(2))
+    tuned = later_step_faults("tuned", probe)
+    if tuned >= 10_000:  # a second look only if reclaim under load may have added faults (see above)
+        tuned = min(tuned, later_step_faults("tuned", probe))
     assert tuned < 10_000, tuned  # 2.25 GiB of 4 KiB pages is 589,824 faults a step

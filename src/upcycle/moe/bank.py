@@ -17,9 +17,9 @@ The layer takes this path only where it computes exactly what the module loop do
 classes with plain ``nn.Linear`` projections and no hooks (so PEFT adapters, parametrizations and
 analysis hooks see the ordinary ``expert(x)`` calls), no autocast and no ``torch.compile`` tracing.
 Otherwise it runs the experts one after another, each with all threads. Uneven slices are split
-between the two (:func:`schedule`): the largest run first with all threads on the calling thread,
-until the rest keeps the workers evenly busy. GPUs run the grouped path (upcycle.moe.grouped,
-upcycle.moe.paths).
+(:func:`schedule`): the largest slices, and experts without rows, run first, one after another on the
+calling thread with all its threads (still through ``forward_into``/``backward_into``), until the rest
+keeps the workers evenly busy. GPUs run the grouped path (upcycle.moe.grouped, upcycle.moe.paths).
 
 Workers: as many as ``torch.get_num_threads()`` by default; :func:`set_cpu_expert_workers` or the
 environment variable ``UPCYCLE_CPU_EXPERT_WORKERS`` changes that (0 or 1 turns the path off). Starting
@@ -270,6 +270,8 @@ def schedule(sizes: Sequence[int], workers: int) -> Schedule:
     order = [i for i in _lpt_order(sizes) if sizes[i]]
     empty = [i for i in range(len(sizes)) if not sizes[i]]
     for w in range(len(order) - 1):
+        if (len(order) - w) * MAX_IMBALANCE < workers:
+            break  # fewer slices than that can never keep every worker busy
         if _imbalance([sizes[i] for i in order[w:]], workers) <= MAX_IMBALANCE:
             return Schedule(order[:w] + empty, order[w:])
     return Schedule(order + empty, [])
@@ -305,7 +307,8 @@ def _forward(
 
 
 class _ExpertBank(torch.autograd.Function):
-    """ys = cat(expert_i(xs_i)) with every expert's forward and backward on the worker pool.
+    """ys = cat(expert_i(xs_i)), each expert's forward and backward where ``plan`` (a :class:`Schedule`)
+    puts it: wide ones on the calling thread with all threads, narrow ones on the worker pool.
 
     The parameters are saved for backward, and the backward reads them from there, not from the modules:
     autograd's version counters then make an in-place change between forward and backward raise (issue
