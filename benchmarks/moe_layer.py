@@ -227,13 +227,10 @@ class Slices(nn.Module):
         xs = x.view(-1, x.shape[-1])
         if self.how == "loop":
             return torch.cat([e(c) for e, c in zip(self.experts, xs.split(self.sizes))])
-        schedule = bank.schedule
-        if self.how == "pool":  # every expert, empty ones too, on the workers
-            bank.schedule = lambda sizes, workers: bank.Schedule([], bank._lpt_order(sizes))
-        try:
-            return bank.run_parallel(self.experts, xs, self.sizes, bank.cpu_expert_workers())
-        finally:
-            bank.schedule = schedule
+        plan = None
+        if self.how == "pool":  # every expert, empty ones too, on the workers, largest slice first
+            plan = bank.Schedule([], sorted(range(len(self.sizes)), key=lambda i: -self.sizes[i]))
+        return bank.run_parallel(self.experts, xs, self.sizes, bank.cpu_expert_workers(), plan)
 
 
 def uneven_table(args) -> None:

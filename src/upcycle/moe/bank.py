@@ -357,10 +357,15 @@ class _ExpertBank(torch.autograd.Function):
 
 
 def run_parallel(
-    experts: Sequence[nn.Module], xs: torch.Tensor, sizes: list[int], workers: int
+    experts: Sequence[nn.Module],
+    xs: torch.Tensor,
+    sizes: list[int],
+    workers: int,
+    plan: Schedule | None = None,
 ) -> torch.Tensor:
-    """The experts on their contiguous slices of ``xs`` (sizes in expert order) on ``workers`` CPU workers."""
-    pool, plan = _pool(workers), schedule(sizes, workers)
+    """The experts on their contiguous slices of ``xs`` (sizes in expert order) on ``workers`` CPU workers,
+    placed as ``plan`` says (default: :func:`schedule`'s)."""
+    pool, plan = _pool(workers), plan or schedule(sizes, workers)
     experts = list(experts)
     if not torch.is_grad_enabled():
         return _forward(experts, xs, sizes, pool, plan)[0]
